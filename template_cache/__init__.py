@@ -1,0 +1,1 @@
+"""The function template format: write, verify, and restore."""

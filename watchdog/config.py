@@ -1,0 +1,223 @@
+"""The watchdog's configuration: one pure function of an environment mapping.
+
+:func:`from_env` is the only reader of the environment in the whole front. It
+takes a mapping (``os.environ`` in production, a plain dict in tests), checks
+every variable, and returns a frozen :class:`Config`, or raises
+:class:`ConfigError` listing *every* bad variable at once, so a user fixes a
+deployment in one round trip.
+
+Names, aliases and defaults follow of-watchdog 0.11 (see the compatibility
+table in README.md). Where two names exist, the second of each pair wins when
+both are set, as in of-watchdog: ``function_process`` over ``fprocess``,
+``http_upstream_url`` over ``upstream_url``, ``http_buffer_req_body`` over
+``buffer_http``, ``log_call_id`` over ``log_callid``.
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from fwatchdog.durations import parse_duration
+
+DEFAULT_PORT = 8080
+DEFAULT_METRICS_PORT = 8081
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_LOG_BUFFER_SIZE = 64 * 1024
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_STATIC_PATH = "/home/app/public"
+
+
+class Mode(enum.Enum):
+    STREAMING = "streaming"
+    SERIALIZING = "serializing"
+    HTTP = "http"
+    STATIC = "static"
+
+
+class ConfigError(Exception):
+    """One or more bad variables; ``problems`` holds one message per variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: Mode
+    fprocess: tuple[str, ...]
+    upstream_url: str | None
+    port: int
+    metrics_port: int
+    read_timeout: float
+    write_timeout: float
+    exec_timeout: float  # 0 means no limit
+    healthcheck_interval: float
+    max_inflight: int  # 0 means no limit
+    max_body_size: int  # bytes; 0 means no limit
+    prefix_logs: bool
+    log_buffer_size: int
+    log_callid: bool
+    buffer_http: bool
+    content_type: str
+    suppress_lock: bool
+    static_path: str
+    ready_path: str
+    tmpdir: str
+    knative: bool  # K_SERVICE is set: queue-proxy drains before SIGTERM
+
+    @property
+    def lock_path(self) -> str:
+        return self.tmpdir.rstrip("/") + "/.lock" if self.tmpdir != "/" else "/.lock"
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+class _Reader:
+    """Collects problems while reading, so all are reported together."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def first(self, *names: str) -> tuple[str, str] | None:
+        """The last of ``names`` that is set wins (of-watchdog's alias order)."""
+        found = None
+        for name in names:
+            if name in self.env:
+                found = (name, self.env[name])
+        return found
+
+    def string(self, *names: str, default: str) -> str:
+        got = self.first(*names)
+        return default if got is None or got[1] == "" else got[1]
+
+    def boolean(self, *names: str, default: bool = False) -> bool:
+        got = self.first(*names)
+        if got is None:
+            return default
+        name, value = got
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        self.problems.append(f"{name}={value!r}: expected true or false")
+        return default
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.env.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.problems.append(f"{name}={value!r}: {exc}")
+            return default
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return default
+        try:
+            number = int(value.strip(), 10)
+        except ValueError:
+            self.problems.append(f"{name}={value!r}: expected a whole number")
+            return default
+        if number < minimum or (maximum is not None and number > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.problems.append(f"{name}={value!r}: must be {bound}")
+            return default
+        return number
+
+    def port(self, *names: str, default: int) -> int:
+        got = self.first(*names)
+        if got is None:
+            return default
+        return self.integer(got[0], default, minimum=1, maximum=65535)
+
+
+def from_env(env: Mapping[str, str]) -> Config:
+    """Build the configuration from ``env``, or raise :class:`ConfigError`."""
+    r = _Reader(env)
+
+    mode_text = r.string("mode", default=Mode.STREAMING.value)
+    try:
+        mode = Mode(mode_text)
+    except ValueError:
+        choices = ", ".join(m.value for m in Mode)
+        r.problems.append(f"mode={mode_text!r}: unknown mode, expected one of {choices}")
+        mode = Mode.STREAMING
+
+    fprocess: tuple[str, ...] = ()
+    got = r.first("fprocess", "function_process")
+    if got is not None and got[1].strip():
+        try:
+            fprocess = tuple(shlex.split(got[1]))
+        except ValueError as exc:
+            r.problems.append(f"{got[0]}={got[1]!r}: cannot split into a command: {exc}")
+    elif mode is not Mode.STATIC:
+        r.problems.append(f"fprocess: required in mode={mode.value} (the function's command)")
+
+    upstream_url: str | None = None
+    got = r.first("upstream_url", "http_upstream_url")
+    if got is not None and got[1]:
+        parts = urlsplit(got[1])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            r.problems.append(f"{got[0]}={got[1]!r}: expected an http:// URL with a host")
+        else:
+            upstream_url = got[1].rstrip("/")
+    elif mode is Mode.HTTP:
+        r.problems.append("upstream_url: required in mode=http (e.g. http://127.0.0.1:5000)")
+
+    # Knative sets PORT; `port` (of-watchdog's name) wins when both are set.
+    port = r.port("PORT", "port", default=DEFAULT_PORT)
+    metrics_port = r.port("metrics_port", default=DEFAULT_METRICS_PORT)
+    if port == metrics_port:
+        r.problems.append(f"metrics_port={metrics_port}: must differ from the serving port")
+
+    read_timeout = r.duration("read_timeout", DEFAULT_TIMEOUT)
+    write_timeout = r.duration("write_timeout", DEFAULT_TIMEOUT)
+    if "write_timeout" in env and env["write_timeout"] != "" and write_timeout == 0:
+        r.problems.append("write_timeout=0: must be greater than zero")
+        write_timeout = DEFAULT_TIMEOUT
+    exec_timeout = r.duration("exec_timeout", DEFAULT_TIMEOUT)
+    healthcheck_interval = r.duration("healthcheck_interval", write_timeout)
+
+    if r.boolean("jwt_auth"):
+        r.problems.append("jwt_auth=true: OpenFaaS Enterprise authentication is not supported")
+
+    config = Config(
+        mode=mode,
+        fprocess=fprocess,
+        upstream_url=upstream_url,
+        port=port,
+        metrics_port=metrics_port,
+        read_timeout=read_timeout,
+        write_timeout=write_timeout,
+        exec_timeout=exec_timeout,
+        healthcheck_interval=healthcheck_interval,
+        max_inflight=r.integer("max_inflight", 0),
+        max_body_size=r.integer("max_body_size", 0),
+        prefix_logs=r.boolean("prefix_logs", default=True),
+        log_buffer_size=r.integer("log_buffer_size", DEFAULT_LOG_BUFFER_SIZE, minimum=1),
+        log_callid=r.boolean("log_callid", "log_call_id"),
+        buffer_http=r.boolean("buffer_http", "http_buffer_req_body"),
+        content_type=r.string("content_type", default=DEFAULT_CONTENT_TYPE),
+        suppress_lock=r.boolean("suppress_lock"),
+        static_path=r.string("static_path", default=DEFAULT_STATIC_PATH),
+        ready_path=r.string("ready_path", default=""),
+        tmpdir=r.string("TMPDIR", default="/tmp"),
+        knative=bool(env.get("K_SERVICE")),
+    )
+    if config.ready_path and not config.ready_path.startswith("/"):
+        r.problems.append(f"ready_path={config.ready_path!r}: must start with /")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config

@@ -1,0 +1,76 @@
+"""The interface every mode implements, and the registry that picks one.
+
+The server core (``fwatchdog.server``) owns everything that is the same in
+every mode: the listener, ``/_/health`` and ``/_/ready``, the ``max_inflight``
+limit, metrics, the access log, the lock file and the shutdown order. A mode
+only turns a request for the function into a response, and owns the function's
+processes.
+
+Invariants:
+- ``start`` returns only when the mode can serve (http: the upstream accepts
+  connections); it raises :class:`StartError` when it never will.
+- ``handle`` never raises for anything a client sends: errors become responses.
+- ``stop`` ends every process the mode started, and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from aiohttp import web
+
+from fwatchdog.config import Config, Mode
+
+
+class StartError(Exception):
+    """The mode cannot start serving (bad static_path, upstream never came up, ...)."""
+
+
+@dataclass(frozen=True)
+class ModeContext:
+    config: Config
+    log: logging.Logger
+    stdout: TextIO  # where forwarded child stdout lines go
+    stderr: TextIO  # where forwarded child stderr lines go
+    # Set by the mode when a process it needs has died for good (http mode's
+    # long-lived child); the server then exits non-zero unless it is draining.
+    fatal: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ModeHandler(abc.ABC):
+    def __init__(self, ctx: ModeContext) -> None:
+        self.ctx = ctx
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare to serve; see the module invariants."""
+
+    @abc.abstractmethod
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request for the function."""
+
+    async def ready(self, request: web.Request) -> bool:
+        """Extra readiness condition of the mode (``/_/ready``); True by default."""
+        return True
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """End every process the mode started."""
+
+
+# Import strings, so only the chosen mode's module is imported.
+_REGISTRY: dict[Mode, str] = {
+    Mode.HTTP: "fwatchdog.modes.http:HttpMode",
+    Mode.STREAMING: "fwatchdog.modes.streaming:StreamingMode",
+    Mode.SERIALIZING: "fwatchdog.modes.serializing:SerializingMode",
+    Mode.STATIC: "fwatchdog.modes.static:StaticMode",
+}
+
+
+def load_mode(mode: Mode) -> type[ModeHandler]:
+    module_name, _, attr = _REGISTRY[mode].partition(":")
+    cls: type[ModeHandler] = getattr(importlib.import_module(module_name), attr)
+    return cls
