@@ -1,0 +1,162 @@
+"""The configuration table: every variable, its aliases, defaults and bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from fwatchdog.config import (
+    DEFAULT_CONTENT_TYPE,
+    DEFAULT_LOG_BUFFER_SIZE,
+    DEFAULT_STATIC_PATH,
+    ConfigError,
+    Mode,
+    from_env,
+)
+
+BASE = {"fprocess": "cat"}
+
+
+def cfg(**env: str):
+    return from_env({**BASE, **env})
+
+
+def problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        from_env(env)
+    return info.value.problems
+
+
+def test_defaults() -> None:
+    c = from_env({"fprocess": "cat"})
+    assert c.mode is Mode.STREAMING
+    assert c.fprocess == ("cat",)
+    assert c.upstream_url is None
+    assert c.port == 8080
+    assert c.metrics_port == 8081
+    assert (c.read_timeout, c.write_timeout, c.exec_timeout) == (30.0, 30.0, 30.0)
+    assert c.healthcheck_interval == 30.0
+    assert c.max_inflight == 0
+    assert c.max_body_size == 0
+    assert c.prefix_logs is True
+    assert c.log_buffer_size == DEFAULT_LOG_BUFFER_SIZE
+    assert c.log_callid is False
+    assert c.buffer_http is False
+    assert c.content_type == DEFAULT_CONTENT_TYPE
+    assert c.suppress_lock is False
+    assert c.static_path == DEFAULT_STATIC_PATH
+    assert c.ready_path == ""
+    assert c.tmpdir == "/tmp"
+    assert c.lock_path == "/tmp/.lock"
+    assert c.knative is False
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"function_process": "python index.py"}, "fprocess", ("python", "index.py")),
+        ({"fprocess": "a", "function_process": "b"}, "fprocess", ("b",)),
+        # Fix: shell-style quoting instead of splitting on single spaces.
+        ({"fprocess": "python -c 'print(1 + 1)'"}, "fprocess", ("python", "-c", "print(1 + 1)")),
+        ({"mode": "http", "upstream_url": "http://127.0.0.1:5000"}, "upstream_url",
+         "http://127.0.0.1:5000"),
+        ({"mode": "http", "upstream_url": "http://a:1", "http_upstream_url": "http://b:2/"},
+         "upstream_url", "http://b:2"),
+        ({"port": "9000"}, "port", 9000),
+        ({"PORT": "9001"}, "port", 9001),
+        ({"PORT": "9001", "port": "9002"}, "port", 9002),
+        ({"metrics_port": "9100"}, "metrics_port", 9100),
+        ({"read_timeout": "5"}, "read_timeout", 5.0),
+        ({"write_timeout": "1m30s"}, "write_timeout", 90.0),
+        ({"write_timeout": "1m30s"}, "healthcheck_interval", 90.0),
+        ({"write_timeout": "10s", "healthcheck_interval": "2s"}, "healthcheck_interval", 2.0),
+        ({"exec_timeout": "500ms"}, "exec_timeout", 0.5),
+        ({"exec_timeout": "0"}, "exec_timeout", 0.0),
+        ({"max_inflight": "3"}, "max_inflight", 3),
+        ({"max_body_size": "1048576"}, "max_body_size", 1048576),
+        ({"prefix_logs": "false"}, "prefix_logs", False),
+        ({"log_buffer_size": "128"}, "log_buffer_size", 128),
+        ({"log_callid": "true"}, "log_callid", True),
+        ({"log_call_id": "true"}, "log_callid", True),  # Fix: the README's spelling
+        ({"buffer_http": "true"}, "buffer_http", True),
+        ({"http_buffer_req_body": "true"}, "buffer_http", True),
+        ({"buffer_http": "true", "http_buffer_req_body": "false"}, "buffer_http", False),
+        ({"content_type": "text/plain"}, "content_type", "text/plain"),
+        ({"suppress_lock": "true"}, "suppress_lock", True),
+        ({"static_path": "/srv"}, "static_path", "/srv"),
+        ({"ready_path": "/ready"}, "ready_path", "/ready"),
+        ({"TMPDIR": "/var/tmp"}, "tmpdir", "/var/tmp"),
+        ({"K_SERVICE": "fn"}, "knative", True),
+        ({"mode": "serializing"}, "mode", Mode.SERIALIZING),
+    ],
+)
+def test_variable(env: dict[str, str], field: str, expected: object) -> None:
+    assert getattr(cfg(**env), field) == expected
+
+
+def test_lock_path_follows_tmpdir() -> None:
+    assert cfg(TMPDIR="/var/tmp/").lock_path == "/var/tmp/.lock"
+
+
+def test_static_mode_needs_no_fprocess() -> None:
+    assert from_env({"mode": "static"}).fprocess == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"fprocess": "cat", "mode": "grpc"}, "mode='grpc': unknown mode"),
+        ({"fprocess": "cat", "mode": "llm"}, "mode='llm': unknown mode"),
+        ({}, "fprocess: required"),
+        ({"fprocess": "  "}, "fprocess: required"),
+        ({"fprocess": "python -c 'unclosed"}, "cannot split"),
+        ({"fprocess": "x", "mode": "http"}, "upstream_url: required"),
+        ({"fprocess": "x", "mode": "http", "upstream_url": "localhost:5000"}, "expected an http://"),
+        ({"fprocess": "x", "port": "http"}, "port='http': expected a whole number"),
+        ({"fprocess": "x", "port": "0"}, "port='0': must be between 1 and 65535"),
+        ({"fprocess": "x", "PORT": "70000"}, "PORT='70000'"),
+        ({"fprocess": "x", "port": "8081"}, "must differ"),
+        ({"fprocess": "x", "read_timeout": "soon"}, "read_timeout='soon': invalid duration"),
+        ({"fprocess": "x", "exec_timeout": "-1s"}, "exec_timeout='-1s': negative"),
+        ({"fprocess": "x", "write_timeout": "0"}, "write_timeout=0: must be greater than zero"),
+        ({"fprocess": "x", "write_timeout": "0s"}, "write_timeout=0"),
+        ({"fprocess": "x", "max_inflight": "-1"}, "max_inflight='-1': must be >= 0"),
+        ({"fprocess": "x", "max_inflight": "many"}, "max_inflight='many'"),
+        ({"fprocess": "x", "log_buffer_size": "0"}, "log_buffer_size='0'"),
+        ({"fprocess": "x", "prefix_logs": "maybe"}, "prefix_logs='maybe': expected true or false"),
+        ({"fprocess": "x", "jwt_auth": "true"}, "jwt_auth=true"),
+        ({"fprocess": "x", "ready_path": "ready"}, "ready_path='ready': must start with /"),
+    ],
+)
+def test_bad_value(env: dict[str, str], needle: str) -> None:
+    assert any(needle in p for p in problems(env)), problems(env)
+
+
+def test_every_bad_variable_is_reported_together() -> None:
+    found = problems(
+        {"mode": "http", "port": "x", "read_timeout": "1y", "max_inflight": "-2",
+         "prefix_logs": "nah"}
+    )
+    joined = "\n".join(found)
+    for name in ("fprocess", "upstream_url", "port", "read_timeout", "max_inflight", "prefix_logs"):
+        assert name in joined
+    assert len(found) == 6
+
+
+def test_error_message_lists_each_problem_on_its_own_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_env({"port": "x"})
+    text = str(info.value)
+    assert text.startswith("invalid configuration:")
+    assert "\n  - fprocess: required" in text
+    assert "\n  - port='x'" in text
+
+
+def test_empty_values_mean_default() -> None:
+    c = cfg(port="", read_timeout="", content_type="", max_inflight="")
+    assert (c.port, c.read_timeout, c.content_type, c.max_inflight) == (
+        8080, 30.0, DEFAULT_CONTENT_TYPE, 0)
+
+
+def test_reading_does_not_touch_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("port", "1234")
+    assert from_env({"fprocess": "cat"}).port == 8080
