@@ -9,8 +9,8 @@ deployment in one round trip.
 Names, aliases and defaults follow of-watchdog 0.11 (see the compatibility
 table in README.md). Where two names exist, the second of each pair wins when
 both are set, as in of-watchdog: ``function_process`` over ``fprocess``,
-``http_upstream_url`` over ``upstream_url``, ``http_buffer_req_body`` over
-``buffer_http``, ``log_call_id`` over ``log_callid``.
+``http_upstream_url`` over ``upstream_url``, ``log_call_id`` over ``log_callid``.
+``buffer_http`` and ``http_buffer_req_body`` are or-ed, as in of-watchdog.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class Config:
         return self.tmpdir.rstrip("/") + "/.lock" if self.tmpdir != "/" else "/.lock"
 
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off", ""})
+# Go's strconv.ParseBool spellings (any case), plus yes/no and on/off.
+_TRUE = frozenset({"true", "t", "1", "yes", "on"})
+_FALSE = frozenset({"false", "f", "0", "no", "off", ""})
 
 
 class _Reader:
@@ -208,7 +209,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         prefix_logs=r.boolean("prefix_logs", default=True),
         log_buffer_size=r.integer("log_buffer_size", DEFAULT_LOG_BUFFER_SIZE, minimum=1),
         log_callid=r.boolean("log_callid", "log_call_id"),
-        buffer_http=r.boolean("buffer_http", "http_buffer_req_body"),
+        buffer_http=r.boolean("buffer_http") | r.boolean("http_buffer_req_body"),
         content_type=r.string("content_type", default=DEFAULT_CONTENT_TYPE),
         suppress_lock=r.boolean("suppress_lock"),
         static_path=r.string("static_path", default=DEFAULT_STATIC_PATH),

@@ -79,7 +79,10 @@ def test_defaults() -> None:
         ({"log_call_id": "true"}, "log_callid", True),  # Fix: the README's spelling
         ({"buffer_http": "true"}, "buffer_http", True),
         ({"http_buffer_req_body": "true"}, "buffer_http", True),
-        ({"buffer_http": "true", "http_buffer_req_body": "false"}, "buffer_http", False),
+        ({"buffer_http": "true", "http_buffer_req_body": "false"}, "buffer_http", True),
+        ({"buffer_http": "false", "http_buffer_req_body": "1"}, "buffer_http", True),
+        ({"prefix_logs": "F"}, "prefix_logs", False),
+        ({"suppress_lock": "TRUE"}, "suppress_lock", True),
         ({"content_type": "text/plain"}, "content_type", "text/plain"),
         ({"suppress_lock": "true"}, "suppress_lock", True),
         ({"static_path": "/srv"}, "static_path", "/srv"),
