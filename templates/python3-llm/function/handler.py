@@ -1,0 +1,35 @@
+"""An OpenAI-compatible chat server: the python3-llm template's default function.
+
+The model is loaded once, at import, the ordinary way (``from_pretrained``); every
+request then reuses it. Replace ``handle`` with your own code: it receives the
+python3-http ``event`` (``.body``, ``.headers``, ``.method``, ``.query``, ``.path``)
+and ``context`` (``.hostname``, ``.cancelled``), and returns a dict
+``{"statusCode", "headers", "body"}``, ``None``, or an iterator to stream.
+
+Environment: ``MODEL_PATH`` (a Hugging Face model folder; default: the embedded
+SmolLM2-135M-Instruct), ``MODEL_NAME``, ``MAX_CONCURRENT_GENERATIONS``,
+``DEFAULT_MAX_TOKENS``, ``MAX_MODEL_LEN``.
+"""
+
+import os
+
+import model_cache  # from the template, beside index.py
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .openai_api import OpenAIServer, ServerConfig, default_model_name
+
+MODEL_PATH = model_cache.resolve_model_path(os.environ)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
+model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype="auto").to(DEVICE)
+model.eval()
+
+api = OpenAIServer(
+    model, tokenizer, ServerConfig.from_env(os.environ, default_model_name(MODEL_PATH))
+)
+
+
+def handle(event, context):
+    return api.handle(event, context)

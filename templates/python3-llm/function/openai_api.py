@@ -1,0 +1,825 @@
+"""An OpenAI-compatible API over a Hugging Face causal LM, for the python3-llm handler.
+
+``OpenAIServer(model, tokenizer, config).handle(event, context)`` answers
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and
+``GET /v1/models/<id>`` in the python3-http return convention (a dict
+``{statusCode, headers, body}``; a streamed body is an iterator the template's
+``index.py`` writes as server-sent events).
+
+Invariants:
+- Every failure the client caused is a 4xx with OpenAI's error JSON
+  ``{"error": {"message", "type", "param", "code"}}``; nothing it sends reaches the
+  model before validation passed (types, ranges, UTF-8, context length).
+- At most ``config.max_concurrent`` generations run at once; one more is a 503,
+  never a queue. A slot is released exactly once, *before* the last byte of the
+  answer is produced, so a client that got its answer can start the next request
+  without racing the release.
+- Generation is a plain token loop with a KV cache run by whoever iterates it: it
+  stops at the next token when the iterator is closed or ``context.cancelled`` (a
+  ``threading.Event`` the server sets when the client disconnects) is set, and logs
+  ``generation_cancelled``. No thread is left behind.
+- Inference mode is entered per forward step, never held across a ``yield``: successive
+  steps may run on different threads and grad mode is thread-local.
+- Sampling uses a per-request ``torch.Generator`` (seeded from ``seed`` when given):
+  no global RNG state is read or changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where generation starts, so parsing stays light
+    import torch
+
+LOG = logging.getLogger("openai_api")
+
+MAX_STOP_SEQUENCES = 4
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the API needs to know beyond the model; built only by :meth:`from_env`."""
+
+    model_name: str
+    max_concurrent: int = 2
+    default_max_tokens: int = 512
+    max_context: int | None = None  # None: the model's max_position_embeddings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], default_name: str) -> ServerConfig:
+        """Read ``MODEL_NAME``, ``MAX_CONCURRENT_GENERATIONS``, ``DEFAULT_MAX_TOKENS``
+        and ``MAX_MODEL_LEN``; a bad value raises ``ValueError`` naming every one."""
+        errors: list[str] = []
+
+        def positive_int(name: str, default: int | None) -> int | None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                value = 0
+            if value < 1:
+                errors.append(f"{name}={raw!r} must be a positive integer")
+                return default
+            return value
+
+        max_concurrent = positive_int("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
+        default_max_tokens = positive_int("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
+        max_context = positive_int("MAX_MODEL_LEN", None)
+        if errors:
+            raise ValueError("; ".join(errors))
+        assert max_concurrent is not None and default_max_tokens is not None
+        return cls(
+            model_name=env.get("MODEL_NAME") or default_name,
+            max_concurrent=max_concurrent,
+            default_max_tokens=default_max_tokens,
+            max_context=max_context,
+        )
+
+
+# ---------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> dict[str, Any]:
+        return {"statusCode": self.status, "headers": self.headers, "body": self.body()}
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None  # None: up to the default, bounded by the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _invalid(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(value, dict):
+        raise _invalid("The request body must be a JSON object.")
+    return value
+
+
+def _check_text(value: str, param: str) -> str:
+    # JSON escapes can smuggle lone surrogates (\ud800) that no tokenizer accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(f"'{param}' contains an invalid Unicode code point.", param) from None
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(obj: Mapping[str, Any], name: str) -> Any:
+    # OpenAI clients send explicit nulls for "not given".
+    return obj.get(name)
+
+
+def parse_sampling(obj: Mapping[str, Any]) -> SamplingParams:
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = _optional(obj, name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise _invalid(f"'{name}' must be an integer.", name)
+        if value < 1:
+            raise _invalid(f"'{name}' must be at least 1, got {value}.", name)
+        # max_completion_tokens is the newer name; it wins when both are sent.
+        max_tokens = value
+
+    temperature = _optional(obj, "temperature")
+    if temperature is None:
+        temperature = 1.0
+    elif not _is_number(temperature) or not 0 <= temperature <= 2:
+        raise _invalid("'temperature' must be a number between 0 and 2.", "temperature")
+
+    top_p = _optional(obj, "top_p")
+    if top_p is None:
+        top_p = 1.0
+    elif not _is_number(top_p) or not 0 <= top_p <= 1:
+        raise _invalid("'top_p' must be a number between 0 and 1.", "top_p")
+
+    stop_value = _optional(obj, "stop")
+    if stop_value is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(stop_value, str):
+        stop = (stop_value,)
+    elif isinstance(stop_value, list) and all(isinstance(s, str) for s in stop_value):
+        stop = tuple(stop_value)
+    else:
+        raise _invalid("'stop' must be a string or a list of strings.", "stop")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise _invalid(f"'stop' accepts at most {MAX_STOP_SEQUENCES} sequences.", "stop")
+    stop = tuple(_check_text(s, "stop") for s in stop if s)
+
+    seed = _optional(obj, "seed")
+    if seed is not None and not _is_int(seed):
+        raise _invalid("'seed' must be an integer.", "seed")
+
+    n = _optional(obj, "n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise _invalid("Only 'n': 1 is supported.", "n")
+    if _optional(obj, "logprobs") not in (None, False, 0):
+        raise _invalid("'logprobs' is not supported.", "logprobs")
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        stop=stop,
+        seed=seed,
+    )
+
+
+def parse_stream(obj: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Return (stream, include_usage)."""
+    stream = _optional(obj, "stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean.", "stream")
+    options = _optional(obj, "stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _invalid(
+                "'stream_options' is only allowed when 'stream' is true.", "stream_options"
+            )
+        if not isinstance(options, dict):
+            raise _invalid("'stream_options' must be an object.", "stream_options")
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise _invalid(
+                "'stream_options.include_usage' must be a boolean.",
+                "stream_options.include_usage",
+            )
+    return stream, include_usage
+
+
+def parse_model(obj: Mapping[str, Any]) -> None:
+    model = _optional(obj, "model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("'model' must be a string.", "model")
+
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def parse_messages(obj: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = obj.get("messages")
+    if messages is None:
+        raise _invalid("'messages' is a required property.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty array.", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid(f"'{where}' must be an object.", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise _invalid(
+                f"'{where}.role' must be one of {sorted(CHAT_ROLES)}.", f"{where}.role"
+            )
+        content = message.get("content")
+        if isinstance(content, list):
+            # Content parts: only text parts exist for a text-only model.
+            texts = []
+            for j, part in enumerate(content):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise _invalid(
+                        f"'{where}.content[{j}]' must be a text part.", f"{where}.content"
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise _invalid(
+                f"'{where}.content' must be a string or an array of text parts.",
+                f"{where}.content",
+            )
+        # The template maps developer to system: chat templates predate the role.
+        parsed.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _check_text(content, f"{where}.content"),
+            }
+        )
+    if obj.get("tools"):
+        raise _invalid("'tools' is not supported by this server.", "tools")
+    return parsed
+
+
+def parse_prompt(obj: Mapping[str, Any]) -> str:
+    prompt = obj.get("prompt")
+    if prompt is None:
+        raise _invalid("'prompt' is a required property.", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _invalid("'prompt' must be a string (one prompt per request).", "prompt")
+    if _optional(obj, "echo"):
+        raise _invalid("'echo' is not supported.", "echo")
+    if _optional(obj, "suffix"):
+        raise _invalid("'suffix' is not supported.", "suffix")
+    return _check_text(prompt, "prompt")
+
+
+# ---------------------------------------------------------------- generation
+
+
+class _Slot:
+    """One of the bounded generation slots; release() is idempotent."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
+class Generation:
+    """Iterate to get text pieces; afterwards ``finish_reason`` and token counts hold.
+
+    Stop sequences are found in the decoded text; a piece that might be the start
+    of one is held back until it is known not to be, so stop text never leaks out.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        eos_ids: frozenset[int],
+        cancelled: threading.Event | None,
+        request_id: str,
+        on_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._model = model
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
+        self._params = params
+        self._max_new_tokens = max_new_tokens
+        self._eos_ids = eos_ids
+        self._cancelled = cancelled
+        self._request_id = request_id
+        self._on_end = on_end
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def _next_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        import torch
+
+        params = self._params
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (at least one token).
+            drop = cumulative - sorted_probs >= params.top_p
+            drop[0] = False
+            sorted_probs[drop] = 0
+            choice = torch.multinomial(sorted_probs, 1, generator=generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _run(self) -> Iterator[str]:
+        import torch
+        from transformers import DynamicCache
+
+        model, params = self._model, self._params
+        device = model.device
+        generator = torch.Generator(device=device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        cache = DynamicCache()
+        generated: list[int] = []
+        emitted = 0  # characters of the decoded completion already yielded
+        matched_stop = False
+        started = time.monotonic()
+        next_input = torch.tensor([self._prompt_ids], device=device)
+        try:
+            while len(generated) < self._max_new_tokens:
+                if self._cancelled is not None and self._cancelled.is_set():
+                    return
+                with torch.inference_mode():
+                    out = model(input_ids=next_input, cache=cache, use_cache=True)
+                    token = self._next_token(out.logits[0, -1], generator)
+                if token in self._eos_ids:
+                    self.finish_reason = "stop"
+                    break
+                generated.append(token)
+                self.completion_tokens = len(generated)
+                next_input = torch.tensor([[token]], device=device)
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                cut = _find_stop(text, params.stop, emitted)
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    matched_stop = True
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    emitted = cut
+                    break
+                safe = _safe_end(text, params.stop)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            else:
+                self.finish_reason = "length"
+            if not matched_stop:
+                # Flush what was held back (a would-be stop prefix, a partial character).
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                if len(text) > emitted:
+                    yield text[emitted:]
+        finally:
+            # Before the log line: whoever sees the line may reuse the slot at once.
+            self._on_end()
+            seconds = time.monotonic() - started
+            if self.finish_reason is None:
+                LOG.info(
+                    "generation_cancelled id=%s completion_tokens=%d seconds=%.3f",
+                    self._request_id,
+                    self.completion_tokens,
+                    seconds,
+                )
+            else:
+                LOG.info(
+                    "generation_finished id=%s finish_reason=%s prompt_tokens=%d "
+                    "completion_tokens=%d seconds=%.3f",
+                    self._request_id,
+                    self.finish_reason,
+                    self.prompt_tokens,
+                    self.completion_tokens,
+                    seconds,
+                )
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    """Index where the earliest stop sequence starts, searching only new text."""
+    best = None
+    for stop in stops:
+        # A stop may straddle what was emitted and what is new, but never starts
+        # inside emitted text (that text was checked not to begin one).
+        i = text.find(stop, max(0, emitted - len(stop) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be emitted without risking part of a stop sequence."""
+    end = len(text)
+    # An incomplete multi-byte character decodes to U+FFFD until its last token.
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text.endswith(stop[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return end - hold
+
+
+# ---------------------------------------------------------------- the server
+
+
+class _SSEStream:
+    """The streamed body: yields chunk dicts then ``[DONE]``; close() always cleans up."""
+
+    def __init__(self, chunks: Iterator[dict[str, Any] | str], closers: list[Any]) -> None:
+        self._chunks = chunks
+        self._closers = closers
+
+    def __iter__(self) -> _SSEStream:
+        return self
+
+    def __next__(self) -> dict[str, Any] | str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+        for closer in self._closers:
+            closer()
+
+
+class OpenAIServer:
+    """The OpenAI wire protocol for one loaded model."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.created = int(time.time())
+        self.max_context = config.max_context or int(
+            getattr(model.config, "max_position_embeddings", 2048)
+        )
+        self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._eos_ids = _eos_ids(model, tokenizer)
+
+    # -- routing
+
+    def handle(self, event: Any, context: Any) -> dict[str, Any]:
+        path = (event.path or "/").rstrip("/") or "/"
+        method = event.method.upper()
+        try:
+            if path == "/v1/chat/completions":
+                _allow(method, "POST")
+                return self.chat_completions(parse_json_object(event.body), context)
+            if path == "/v1/completions":
+                _allow(method, "POST")
+                return self.completions(parse_json_object(event.body), context)
+            if path == "/v1/models":
+                _allow(method, "GET")
+                return _json(200, {"object": "list", "data": [self._model_card()]})
+            if path.startswith("/v1/models/"):
+                _allow(method, "GET")
+                if path[len("/v1/models/") :] != self.config.model_name:
+                    raise APIError(
+                        404,
+                        f"The model '{path[len('/v1/models/'):]}' does not exist.",
+                        param="model",
+                        code="model_not_found",
+                    )
+                return _json(200, self._model_card())
+            raise APIError(
+                404,
+                f"Invalid URL ({method} {event.path}). This server answers "
+                "POST /v1/chat/completions, POST /v1/completions and GET /v1/models.",
+                code="not_found",
+            )
+        except APIError as exc:
+            LOG.info(
+                "request_rejected status=%d code=%s param=%s", exc.status, exc.code, exc.param
+            )
+            return exc.response()
+
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.config.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "fwatchdog",
+            "max_model_len": self.max_context,
+        }
+
+    # -- endpoints
+
+    def chat_completions(self, obj: dict[str, Any], context: Any) -> dict[str, Any]:
+        parse_model(obj)
+        messages = parse_messages(obj)
+        params = parse_sampling(obj)
+        stream, include_usage = parse_stream(obj)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise _invalid("This model has no chat template; use /v1/completions.")
+        try:
+            prompt = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # the model's Jinja template rejected the messages
+            raise _invalid(f"The chat template rejected the messages: {exc}", "messages") from None
+        # The chat template already contains any special tokens the model expects.
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._respond("chat", prompt_ids, params, stream, include_usage, context)
+
+    def completions(self, obj: dict[str, Any], context: Any) -> dict[str, Any]:
+        parse_model(obj)
+        prompt = parse_prompt(obj)
+        params = parse_sampling(obj)
+        stream, include_usage = parse_stream(obj)
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        if not prompt_ids:
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise _invalid("'prompt' must not be empty for this model.", "prompt")
+            prompt_ids = [bos]
+        return self._respond("completion", prompt_ids, params, stream, include_usage, context)
+
+    # -- shared
+
+    def _budget(self, prompt_tokens: int, params: SamplingParams) -> int:
+        room = self.max_context - prompt_tokens
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise _invalid(
+                f"This model's maximum context length is {self.max_context} tokens. "
+                f"However, you requested {prompt_tokens + params.max_tokens} tokens "
+                f"({prompt_tokens} in the prompt, {params.max_tokens} in the completion).",
+                "max_tokens" if room > 0 else "messages",
+                "context_length_exceeded",
+            )
+        if room < 1:
+            raise _invalid(
+                f"This model's maximum context length is {self.max_context} tokens. "
+                f"However, your prompt has {prompt_tokens} tokens.",
+                "messages",
+                "context_length_exceeded",
+            )
+        return params.max_tokens or min(self.config.default_max_tokens, room)
+
+    def _respond(
+        self,
+        kind: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: bool,
+        include_usage: bool,
+        context: Any,
+    ) -> dict[str, Any]:
+        max_new_tokens = self._budget(len(prompt_ids), params)
+        if not self._slots.acquire(blocking=False):
+            raise APIError(
+                503,
+                f"The server is busy: {self.config.max_concurrent} generations are "
+                "running. Retry shortly.",
+                type="server_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        slot = _Slot(self._slots)
+        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        generation = Generation(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            params,
+            max_new_tokens,
+            self._eos_ids,
+            getattr(context, "cancelled", None),
+            request_id,
+            on_end=slot.release,
+        )
+        if stream:
+            chunks = self._stream_chunks(kind, request_id, generation, slot, include_usage)
+            return {
+                "statusCode": 200,
+                "headers": {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                "body": _SSEStream(chunks, [generation.close, slot.release]),
+            }
+        try:
+            text = generation.text()
+        finally:
+            generation.close()
+            slot.release()
+        if generation.finish_reason is None:
+            # Cancelled because the client went away: nobody reads this answer.
+            return {"statusCode": 499, "body": ""}
+        usage = _usage(generation)
+        created = int(time.time())
+        if kind == "chat":
+            body = {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.config.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": generation.finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+        else:
+            body = {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": self.config.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": generation.finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+        return _json(200, body)
+
+    def _stream_chunks(
+        self,
+        kind: str,
+        request_id: str,
+        generation: Generation,
+        slot: _Slot,
+        include_usage: bool,
+    ) -> Iterator[dict[str, Any] | str]:
+        created = int(time.time())
+        model = self.config.model_name
+        chat = kind == "chat"
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        def chunk(piece: str | None, finish_reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if piece is not None:
+                    delta["content"] = piece
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": piece or ""}
+                obj = "text_completion"
+            choice["logprobs"] = None
+            choice["finish_reason"] = finish_reason
+            return {
+                "id": request_id,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                **extra,
+            }
+
+        if chat:
+            yield chunk("", None, first=True)
+        for piece in generation:
+            yield chunk(piece, None)
+        if generation.finish_reason is None:
+            return  # cancelled: the client is gone
+        # Release before the last bytes: a client that saw [DONE] may go again at once.
+        slot.release()
+        yield chunk(None if chat else "", generation.finish_reason)
+        if include_usage:
+            yield {
+                "id": request_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(generation),
+            }
+        yield "[DONE]"
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise APIError(
+            405,
+            f"Method {method} is not allowed here; use {allowed}.",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
+
+
+def _json(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": body}
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(i for i in eos if isinstance(i, int))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def default_model_name(model_path: str | os.PathLike[str]) -> str:
+    return os.path.basename(os.path.normpath(os.fspath(model_path)))
