@@ -29,6 +29,10 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOG_BUFFER_SIZE = 64 * 1024
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_STATIC_PATH = "/home/app/public"
+# How long a mode may take to become able to serve (http: the upstream accepts
+# connections). Generous because http-mode functions that load a model at import
+# take tens of seconds; a child that exits early fails at once, whatever this is.
+DEFAULT_START_TIMEOUT = 300.0
 
 
 class Mode(enum.Enum):
@@ -69,6 +73,8 @@ class Config:
     ready_path: str
     tmpdir: str
     knative: bool  # K_SERVICE is set: queue-proxy drains before SIGTERM
+    # Deadline for the mode's start (http: the upstream accepting connections).
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
     @property
     def lock_path(self) -> str:
@@ -189,6 +195,10 @@ def from_env(env: Mapping[str, str]) -> Config:
         r.problems.append("write_timeout=0: must be greater than zero")
         write_timeout = DEFAULT_TIMEOUT
     exec_timeout = r.duration("exec_timeout", DEFAULT_TIMEOUT)
+    start_timeout = r.duration("start_timeout", DEFAULT_START_TIMEOUT)
+    if start_timeout == 0:
+        r.problems.append("start_timeout=0: must be greater than zero (a start must never hang)")
+        start_timeout = DEFAULT_START_TIMEOUT
     healthcheck_interval = r.duration("healthcheck_interval", write_timeout)
 
     if r.boolean("jwt_auth"):
@@ -203,6 +213,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         read_timeout=read_timeout,
         write_timeout=write_timeout,
         exec_timeout=exec_timeout,
+        start_timeout=start_timeout,
         healthcheck_interval=healthcheck_interval,
         max_inflight=r.integer("max_inflight", 0),
         max_body_size=r.integer("max_body_size", 0),

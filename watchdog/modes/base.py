@@ -11,6 +11,11 @@ Invariants:
   connections); it raises :class:`StartError` when it never will.
 - ``handle`` never raises for anything a client sends: errors become responses.
 - ``stop`` ends every process the mode started, and is safe to call twice.
+- A mode that waits on a child process itself puts its pid in
+  ``ModeContext.children`` while it lives, so the orphan reaper (PID 1) never
+  collects it first (see ``fwatchdog.reaper``).
+- A mode that streams a response of unknown length may store the number of
+  body bytes it wrote under ``response[BODY_BYTES_KEY]`` for the access log.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from aiohttp import web
-
 from fwatchdog.config import Config, Mode
+
+# StreamResponse supports item assignment for per-response state.
+BODY_BYTES_KEY = "fwatchdog.body_bytes"
 
 
 class StartError(Exception):
@@ -40,6 +47,8 @@ class ModeContext:
     # Set by the mode when a process it needs has died for good (http mode's
     # long-lived child); the server then exits non-zero unless it is draining.
     fatal: asyncio.Event = field(default_factory=asyncio.Event)
+    # Pids of children the mode waits on itself; the reaper leaves them alone.
+    children: set[int] = field(default_factory=set)
 
 
 class ModeHandler(abc.ABC):

@@ -1,0 +1,458 @@
+"""mode=http: one long-lived function process, every request proxied to it.
+
+Start: ``fprocess`` runs once (stdin a pipe that is never written, as in
+of-watchdog; stdout and stderr forwarded line by line). :meth:`HttpMode.start`
+returns only once ``upstream_url``'s host and port accept TCP connections, so
+the lock file is never written before the function can answer (of-watchdog
+writes it at once and early requests fail with 500). If the process exits first,
+or nothing listens within ``start_timeout``, start fails with "upstream never
+started" and the watchdog exits non-zero.
+
+Requests: ``upstream_url`` + the request URI (path and raw query, unchanged),
+headers copied except hop-by-hop ones (Host kept, see
+:mod:`fwatchdog.proxyheaders`), status, headers and body copied back, plus
+``X-Duration-Seconds`` (time to the upstream's response headers).
+- cannot connect / upstream fails before answering: 500 with
+  ``X-OpenFaaS-Internal: of-watchdog`` (502 for streamed requests, where
+  of-watchdog answers an empty 200);
+- ``exec_timeout`` (shortened, never lengthened, by ``X-Timeout``) reached
+  before the response is complete: 504, same header; for a response already
+  being streamed the connection is cut so the client sees it truncated;
+- the request body is read within ``read_timeout`` of the request's start
+  (408 otherwise) and within ``max_body_size`` (413).
+Requests asking for ``text/event-stream``, ``application/x-ndjson`` or a
+WebSocket upgrade are streamed through, each chunk (or message) forwarded as it
+arrives. Other responses up to 1 MiB with a known length are read whole and
+written at once (one write, the common case); larger ones are streamed too.
+
+The process: if it exits, ``ctx.fatal`` is set and the server exits non-zero,
+unless the server is shutting down. :meth:`stop` forwards SIGTERM, waits, then
+kills.
+
+Invariants: one :class:`aiohttp.ClientSession` for the mode's life (connections
+to the upstream are reused); nothing decompresses or re-encodes a body; the
+client gets either the upstream's complete response, a watchdog error status
+marked ``X-OpenFaaS-Internal``, or a visibly cut connection, never a complete-
+looking truncated body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from fwatchdog.durations import format_duration, parse_duration
+from fwatchdog.logpump import pump
+from fwatchdog.logs import kv
+from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError
+from fwatchdog.proxyheaders import to_client, to_upstream, wants_stream
+from yarl import URL
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout_at
+else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
+    from async_timeout import timeout_at
+
+INTERNAL = "X-OpenFaaS-Internal"
+WHOLE_RESPONSE_LIMIT = 1 << 20  # read whole: known length up to this; stream above
+WHOLE_REQUEST_LIMIT = 256 << 10  # read whole: known length up to this; stream above
+STOP_GRACE = 10.0  # at most this long between SIGTERM and SIGKILL for the function
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+# WebSocket handshake headers the client library writes itself.
+_WS_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                     "sec-websocket-protocol"})
+
+
+class _Verbatim(web.Response):
+    """A relayed response: aiohttp adds no Content-Type or Server the upstream left out."""
+
+    async def _prepare_headers(self) -> None:
+        had_type = "Content-Type" in self._headers
+        had_server = "Server" in self._headers
+        await super()._prepare_headers()
+        if not had_type:
+            self._headers.popall("Content-Type", None)
+        if not had_server:
+            self._headers.popall("Server", None)
+
+
+class _VerbatimStream(web.StreamResponse):
+    async def _prepare_headers(self) -> None:
+        had_type = "Content-Type" in self._headers
+        had_server = "Server" in self._headers
+        await super()._prepare_headers()
+        if not had_type:
+            self._headers.popall("Content-Type", None)
+        if not had_server:
+            self._headers.popall("Server", None)
+
+
+class _BodyError(Exception):
+    """The client's body broke a limit; ``status`` is the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _internal(status: int, started: float, text: str = "") -> web.Response:
+    resp = web.Response(status=status, text=text or None)
+    resp.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
+    resp.headers[INTERNAL] = "of-watchdog"
+    return resp
+
+
+class HttpMode(ModeHandler):
+    def __init__(self, ctx: ModeContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config
+        assert cfg.upstream_url is not None  # config guarantees it in mode=http
+        self._base = cfg.upstream_url
+        parts = urlsplit(self._base)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._exec_timeout = cfg.exec_timeout
+        self._timeout = aiohttp.ClientTimeout(total=cfg.exec_timeout or None)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+
+    # -- the process -------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.ctx.config
+        loop = asyncio.get_running_loop()
+        self.ctx.log.info(kv("function_starting", command=" ".join(cfg.fprocess),
+                             upstream=self._base))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cfg.fprocess, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise StartError(f"upstream never started: cannot run fprocess "
+                             f"{cfg.fprocess[0]!r}: {exc.strerror or exc}") from exc
+        self._proc = proc
+        self.ctx.children.add(proc.pid)
+        assert proc.stdout is not None and proc.stderr is not None
+        self._pumps = [
+            loop.create_task(pump(proc.stdout, "stdout", self.ctx.stdout,
+                                  prefix=cfg.prefix_logs, limit=cfg.log_buffer_size)),
+            loop.create_task(pump(proc.stderr, "stderr", self.ctx.stderr,
+                                  prefix=cfg.prefix_logs, limit=cfg.log_buffer_size)),
+        ]
+        self._exited = loop.create_task(self._watch(proc))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0,  # the front's max_inflight is the concurrency limit
+                # Shorter than common upstream idle timeouts (gunicorn 2 s), so a
+                # pooled connection is rarely one the upstream is closing.
+                keepalive_timeout=1.0,
+            ),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        await self._wait_listening(loop.time() + cfg.start_timeout)
+        self.ctx.log.info(kv("upstream_ready", pid=proc.pid, upstream=self._base))
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> int:
+        code = await proc.wait()
+        self.ctx.children.discard(proc.pid)
+        if self._stopping:
+            self.ctx.log.info(kv("function_exited", pid=proc.pid, code=code, during="stop"))
+        else:
+            self.ctx.log.info(kv("function_exited", pid=proc.pid, code=code))
+            self.ctx.fatal.set()
+        return code
+
+    async def _wait_listening(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._exited is not None
+        delay = 0.005
+        while True:
+            if self._exited.done():
+                raise StartError(
+                    f"upstream never started: the function process exited with code "
+                    f"{self._exited.result()} before accepting connections on "
+                    f"{self._host}:{self._port}")
+            try:
+                async with timeout_at(min(deadline, loop.time() + 1.0)):
+                    _, writer = await asyncio.open_connection(self._host, self._port)
+                writer.close()
+                return
+            except (OSError, asyncio.TimeoutError):
+                pass
+            if loop.time() >= deadline:
+                raise StartError(
+                    f"upstream never started: nothing accepted connections on "
+                    f"{self._host}:{self._port} within start_timeout="
+                    f"{format_duration(self.ctx.config.start_timeout)}")
+            # Wake at once if the process exits while we wait.
+            await asyncio.wait([self._exited], timeout=delay)
+            delay = min(delay * 2, 0.1)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            grace = min(STOP_GRACE, self.ctx.config.write_timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._wait_exit()), grace)
+            except asyncio.TimeoutError:
+                self.ctx.log.info(kv("function_killed", pid=proc.pid,
+                                     reason=f"no exit {grace:g}s after SIGTERM"))
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await self._wait_exit()
+        if self._pumps:
+            # A grandchild holding the pipes open must not hold up the exit.
+            _, pending = await asyncio.wait(self._pumps, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            self._pumps = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _wait_exit(self) -> None:
+        if self._exited is not None:
+            await asyncio.wait([self._exited])
+        elif self._proc is not None:
+            await self._proc.wait()
+
+    # -- requests ----------------------------------------------------------
+
+    def _timeout_for(self, request: web.Request) -> tuple[aiohttp.ClientTimeout, float]:
+        """exec_timeout, shortened (never lengthened, never removed) by X-Timeout."""
+        limit = self._exec_timeout
+        header = request.headers.get("X-Timeout")
+        if header:
+            try:
+                wanted = parse_duration(header)
+            except ValueError:
+                wanted = 0.0
+            if wanted > 0 and (limit == 0 or wanted < limit):
+                return aiohttp.ClientTimeout(total=wanted), wanted
+        return self._timeout, limit
+
+    def _url(self, request: web.Request) -> URL:
+        raw = request.raw_path
+        if not raw.startswith("/"):  # absolute-form request target
+            raw = request.rel_url.raw_path_qs
+        return URL(self._base + raw, encoded=True)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        session = self._session
+        if session is None:
+            return _internal(503, started, "function not started")
+        headers = request.headers
+        upgrade = headers.get("Upgrade", "")
+        stream = wants_stream(headers.get("Accept", ""), upgrade)
+        if stream and upgrade.lower() == "websocket":
+            return await self._websocket(request, session, started)
+        timeout, seconds = self._timeout_for(request)
+        out_headers = to_upstream(headers.items())
+        read_deadline = loop.time() + self.ctx.config.read_timeout
+        data: Any = None
+        if request.body_exists:
+            length = request.content_length
+            if self.ctx.config.buffer_http or (length is not None
+                                               and length <= WHOLE_REQUEST_LIMIT):
+                try:
+                    data = await self._read_whole(request, read_deadline)
+                except _BodyError as exc:
+                    return self._body_error(exc, started)
+                # Buffered: always a Content-Length, never chunked (a fix).
+                out_headers["Content-Length"] = str(len(data))
+            else:
+                data = self._body_chunks(request, read_deadline)
+        try:
+            upstream = await session.request(
+                request.method, self._url(request), headers=out_headers, data=data,
+                timeout=timeout, allow_redirects=False,
+            )
+        except _BodyError as exc:
+            return self._body_error(exc, started)
+        except asyncio.TimeoutError:
+            self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
+                                 exec_timeout=format_duration(seconds)))
+            return _internal(504, started)
+        except (aiohttp.ClientError, OSError) as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, _BodyError):
+                return self._body_error(cause, started)
+            self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
+            return _internal(502 if stream else 500, started)
+        try:
+            return await self._relay(request, upstream, started, stream, seconds)
+        finally:
+            upstream.release()
+
+    async def _read_whole(self, request: web.Request, deadline: float) -> bytes:
+        try:
+            async with timeout_at(deadline):
+                return await request.read()
+        except asyncio.TimeoutError:
+            raise _BodyError(408, "request body not received within read_timeout") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _BodyError(413, "request body larger than max_body_size") from None
+
+    async def _body_chunks(self, request: web.Request, deadline: float) -> AsyncIterator[bytes]:
+        limit = self.ctx.config.max_body_size
+        total = 0
+        content = request.content
+        while True:
+            try:
+                async with timeout_at(deadline):
+                    chunk = await content.readany()
+            except asyncio.TimeoutError:
+                raise _BodyError(408, "request body not received within read_timeout") from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if limit and total > limit:
+                raise _BodyError(413, "request body larger than max_body_size")
+            yield chunk
+
+    def _body_error(self, exc: _BodyError, started: float) -> web.Response:
+        resp = _internal(exc.status, started, exc.message + "\n")
+        resp.force_close()  # the rest of the body is not worth reading
+        return resp
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     started: float, stream: bool, seconds: float) -> web.StreamResponse:
+        headers = to_client(upstream.headers.items())
+        headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
+        length = upstream.content_length
+        no_body = request.method == "HEAD" or upstream.status in (204, 304) or (
+            100 <= upstream.status < 200)
+        if no_body or (not stream and length is not None and length <= WHOLE_RESPONSE_LIMIT):
+            try:
+                body = b"" if no_body else await upstream.read()
+            except asyncio.TimeoutError:
+                self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
+                                     exec_timeout=format_duration(seconds)))
+                return _internal(504, started)
+            except (aiohttp.ClientError, OSError) as exc:
+                # Nothing sent yet: an honest error beats a short body.
+                self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
+                return _internal(502, started)
+            return _Verbatim(status=upstream.status, reason=upstream.reason,
+                             headers=headers, body=body or None)
+        out = _VerbatimStream(status=upstream.status, reason=upstream.reason, headers=headers)
+        await out.prepare(request)
+        sent = 0
+        try:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+                sent += len(chunk)
+            await out.write_eof()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, ConnectionResetError) and request.transport is None:
+                pass  # the client went away; nothing to tell it
+            else:
+                self.ctx.log.info(kv("upstream_cut", uri=request.raw_path, sent=sent,
+                                     error=repr(exc)))
+            upstream.close()
+            # Headers are out: cut the connection so the client sees the truncation.
+            if request.transport is not None:
+                request.transport.close()
+        out[BODY_BYTES_KEY] = sent
+        return out
+
+    # -- websockets --------------------------------------------------------
+
+    async def _websocket(self, request: web.Request, session: aiohttp.ClientSession,
+                         started: float) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        timeout, seconds = self._timeout_for(request)
+        headers = to_upstream((k, v) for k, v in request.headers.items()
+                              if k.lower() not in _WS_OWN)
+        protocols = tuple(p.strip() for p in
+                          request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                          if p.strip())
+        try:
+            async with timeout_at(loop.time() + seconds if seconds else None):
+                upstream = await session.ws_connect(
+                    self._url(request), headers=headers, protocols=protocols,
+                    autoclose=False, autoping=False, max_msg_size=0, compress=0,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            resp = _internal(exc.status if exc.status >= 400 else 502, started)
+            return resp
+        except asyncio.TimeoutError:
+            return _internal(504, started)
+        except (aiohttp.ClientError, OSError):
+            return _internal(502, started)
+        ws = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
+                                   autoclose=False, autoping=False, max_msg_size=0)
+        await ws.prepare(request)
+        deadline = loop.time() + seconds if seconds else None
+        try:
+            async with timeout_at(deadline):
+                await _pipe_websockets(ws, upstream)
+        except asyncio.TimeoutError:
+            self.ctx.log.info(kv("websocket_timeout", uri=request.raw_path,
+                                 exec_timeout=format_duration(seconds)))
+        finally:
+            if not upstream.closed:
+                await upstream.close()
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+# Either end of the relay; aiohttp's two classes share the receive/send API.
+_Socket = Any
+
+
+async def _forward(src: _Socket, dst: _Socket) -> None:
+    """Copy messages until ``src`` closes, then close ``dst`` with the same code."""
+    async for msg in src:
+        if msg.type is WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await dst.ping(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            await dst.pong(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            await dst.close(code=src.close_code or 1000, message=(msg.extra or "").encode())
+            return
+        else:  # ERROR, CLOSED, CLOSING
+            break
+    await dst.close(code=src.close_code or 1000)
+
+
+async def _pipe_websockets(client: _Socket, upstream: _Socket) -> None:
+    tasks = [asyncio.ensure_future(_forward(client, upstream)),
+             asyncio.ensure_future(_forward(upstream, client))]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # One side closed: give the other a moment to finish its closing handshake.
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

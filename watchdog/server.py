@@ -1,0 +1,370 @@
+"""The server core: listener, health, readiness, limits, metrics, access log, lifecycle.
+
+Everything that is the same in every mode lives here; the mode only answers
+requests for the function (see :mod:`fwatchdog.modes.base`).
+
+Routes on ``port``: ``/_/health`` and ``/_/ready`` (exact paths), every other
+path and method to the mode. Metrics on ``metrics_port`` at ``/metrics``.
+
+Start order: metrics listener, listener (health answers 503 meanwhile), the
+mode's ``start`` (bounded by ``start_timeout``), then the lock file, then
+"accepting". Requests for the function that arrive before the mode has started
+wait for it rather than fail.
+
+Shutdown order (:meth:`Watchdog.shutdown`), read top to bottom:
+1. stop accepting for health/ready (503) and remove the lock file;
+2. keep serving what arrives and what is in flight;
+3. wait ``healthcheck_interval`` so load balancers see the 503 (skipped under
+   Knative, where queue-proxy drained before sending SIGTERM, and on SIGINT);
+4. stop the listener;
+5. drain in-flight requests for up to ``write_timeout``;
+6. stop the mode (http: SIGTERM to the function, whose exit is then expected);
+7. exit 0.
+If the mode's process dies outside a shutdown (``ctx.fatal``), the watchdog
+removes the lock file and exits 1 so the platform restarts the container.
+
+Invariants: signal handlers only record (:class:`~fwatchdog.lifecycle.SignalRecorder`);
+no global state (lock path, registry and clock are passed in); the front never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from aiohttp import web
+from fwatchdog import accesslog, reaper
+from fwatchdog.config import Config
+from fwatchdog.durations import format_duration
+from fwatchdog.lifecycle import LockFile, SignalRecorder, State
+from fwatchdog.logs import kv
+from fwatchdog.metrics import HttpMetrics, metrics_app
+from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError, load_mode
+from prometheus_client import CollectorRegistry
+
+# aiohttp's defaults are 8190 bytes per line and header; of-watchdog (Go) allows
+# 1 MiB of headers in all, and large JWTs or cookies are common in front of
+# functions. Larger lines are answered 400, more headers 400 as well.
+MAX_LINE_SIZE = 64 * 1024
+MAX_FIELD_SIZE = 64 * 1024
+MAX_HEADERS = 128
+# How long a dead function waits for a SIGTERM that may be on its way to us too.
+SIGNAL_RACE = 0.5
+
+
+def _plain(status: int, text: str | None = None) -> web.Response:
+    return web.Response(status=status, text=text)
+
+
+class Watchdog:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log: logging.Logger,
+        stdout: TextIO,
+        stderr: TextIO,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        mode_class: type[ModeHandler] | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.clock = clock
+        self.lock = LockFile(config.lock_path)
+        self.state = State()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = HttpMetrics(self.registry)
+        self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr)
+        self.mode = (mode_class or load_mode(config.mode))(self.ctx)
+        self.signals = SignalRecorder()
+        self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._limit_text = (
+            f"Concurrent request limit exceeded. Max concurrent requests: "
+            f"{config.max_inflight}\n"
+        )
+
+    # -- HTTP ----------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        # max_body_size=0 means no limit; aiohttp's own default is 1 MiB.
+        app = web.Application(client_max_size=self.config.max_body_size or sys.maxsize)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        return app
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/_/health":
+            return self.health(request)
+        if path == "/_/ready":
+            return await self.ready(request)
+        return await self.function(request)
+
+    def healthy(self) -> bool:
+        # With suppress_lock there is no lock file to require (a fix: of-watchdog
+        # then answers 503 forever).
+        return self.state.accepting and (self.config.suppress_lock or self.lock.exists())
+
+    def health(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            return _plain(405)
+        return _plain(200, "OK") if self.healthy() else _plain(503)
+
+    def limit_reached(self) -> bool:
+        limit = self.config.max_inflight
+        return limit > 0 and self.state.inflight >= limit
+
+    async def ready(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "GET":
+            return _plain(405)
+        if not self.healthy():
+            return _plain(503)
+        if self.limit_reached():
+            return _plain(429)
+        if not await self.mode.ready(request):
+            return _plain(503)
+        if self.config.ready_path:
+            probe = request.clone(method="GET", rel_url=self.config.ready_path)
+            try:
+                return await self.mode.handle(probe)
+            except Exception as exc:  # a mode bug must not take readiness down with it
+                self.log.info(kv("ready_error", error=repr(exc)))
+                return _plain(503)
+        return _plain(200)
+
+    async def function(self, request: web.Request) -> web.StreamResponse:
+        started = self.clock()
+        state = self.state
+        state.inflight += 1
+        self.metrics.in_flight.inc()
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await self._answer(request)
+            if not resp.prepared:
+                # Written here, not after return, so the duration and the byte
+                # count include sending the body.
+                await resp.prepare(request)
+                await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away; aiohttp closes the connection
+        except Exception as exc:  # a mode broke its contract: answer, don't die
+            self.log.info(kv("handler_error", uri=request.raw_path, error=repr(exc)))
+            if resp is None or not resp.prepared:
+                resp = _plain(500, "Internal Server Error\n")
+        finally:
+            state.inflight -= 1
+            self.metrics.in_flight.dec()
+        seconds = self.clock() - started
+        if resp is None:  # pragma: no cover - only on cancellation
+            resp = _plain(500)
+        self.metrics.observe(request.method, resp.status, seconds)
+        if accesslog.should_log(request.headers.get("User-Agent")):
+            size = resp.content_length
+            if size is None:
+                size = resp.get(BODY_BYTES_KEY, -1)
+            self.log.info(accesslog.format_line(
+                request.method, request.raw_path, resp.status, resp.reason, size, seconds,
+                request.headers.get("X-Call-Id"), with_call_id=self.config.log_callid,
+            ))
+        return resp
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if self.config.max_inflight and self.state.inflight > self.config.max_inflight:
+            # Never queued: of-watchdog's faas-middleware limiter answers at once.
+            resp = _plain(429, self._limit_text)
+            resp.headers["X-OpenFaaS-Internal"] = "faas-middleware"
+            return resp
+        limit = self.config.max_body_size
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            resp = _plain(413, f"Request body of {length} bytes is larger than "
+                               f"max_body_size={limit}\n")
+            resp.force_close()
+            return resp
+        if not self.state.serving.is_set():
+            try:
+                await asyncio.wait_for(self.state.serving.wait(), self.config.start_timeout)
+            except asyncio.TimeoutError:
+                return _plain(503, "The function is not ready\n")
+        return await self.mode.handle(request)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM (exit 0) or until the function dies (exit 1)."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.signals.install(loop)
+        self.log.info(kv("starting", mode=cfg.mode.value, port=cfg.port,
+                         metrics_port=cfg.metrics_port,
+                         read_timeout=format_duration(cfg.read_timeout),
+                         write_timeout=format_duration(cfg.write_timeout),
+                         exec_timeout=format_duration(cfg.exec_timeout),
+                         healthcheck_interval=format_duration(cfg.healthcheck_interval)))
+        reap_task: asyncio.Task[None] | None = None
+        try:
+            if not await self._listen():
+                return 1
+            if reaper.needed():
+                reap_task = loop.create_task(reaper.Reaper(self.log, self.ctx.children).run())
+            outcome = await self._start_mode()
+            if outcome is not None:
+                return outcome
+            if cfg.suppress_lock:
+                self.log.info(kv("lock_suppressed",
+                                 note="suppress_lock=true: health does not check the lock file"))
+            else:
+                try:
+                    self.lock.write()
+                except OSError as exc:
+                    self.log.info(kv("lock_failed", path=self.lock.path, error=exc.strerror,
+                                     hint="set suppress_lock=true to run without a lock file"))
+                    await self._stop_everything()
+                    return 1
+                self.log.info(kv("lock_written", path=self.lock.path))
+            self.state.accepting = True
+            self.state.serving.set()
+            self.log.info(kv("serving", port=cfg.port))
+            why = await self._first(self.signals.event, self.ctx.fatal)
+            if why is self.ctx.fatal:
+                # A process-group SIGTERM (tini -g, a shell, timeout(1)) reaches the
+                # function and us together; its death may be noticed first.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.signals.event.wait(), SIGNAL_RACE)
+            if self.signals.event.is_set():
+                return await self.shutdown()
+            return await self.fail()
+        finally:
+            if reap_task is not None:
+                reap_task.cancel()
+            self.signals.uninstall(loop)
+
+    async def _listen(self) -> bool:
+        cfg = self.config
+        self._metrics_runner = web.AppRunner(metrics_app(self.registry), access_log=None,
+                                             handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False,
+            shutdown_timeout=cfg.write_timeout,
+            # An idle or half-sent connection is closed after read_timeout (Go
+            # uses ReadTimeout as the idle timeout too); this bounds slow headers.
+            keepalive_timeout=cfg.read_timeout,
+            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS,
+        )
+        for runner, port, name in ((self._metrics_runner, cfg.metrics_port, "metrics"),
+                                   (self._runner, cfg.port, "http")):
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, port=port, reuse_address=True).start()
+            except OSError as exc:
+                self.log.info(kv("listen_failed", listener=name, port=port, error=exc.strerror))
+                await self._stop_everything()
+                return False
+        self.log.info(kv("listening", port=cfg.port, metrics_port=cfg.metrics_port))
+        return True
+
+    async def _start_mode(self) -> int | None:
+        """Start the mode; an exit code when the watchdog must not serve."""
+        start = asyncio.ensure_future(self.mode.start())
+        # The mode enforces start_timeout with its own message; this is a backstop.
+        backstop = asyncio.ensure_future(asyncio.sleep(self.config.start_timeout + 5.0))
+        stop_wait = asyncio.ensure_future(self.signals.event.wait())
+        try:
+            await asyncio.wait({start, backstop, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            backstop.cancel()
+            stop_wait.cancel()
+        if not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+            if self.signals.received is None:
+                self.log.info(kv("start_failed", error=f"mode {self.config.mode.value} did not "
+                                 f"start within start_timeout="
+                                 f"{format_duration(self.config.start_timeout)}"))
+                await self._stop_everything()
+                return 1
+            self.log.info(kv("shutdown", signal=self.signals.received.name, phase="starting"))
+            await self._stop_everything()
+            return 0
+        exc = start.exception()
+        if exc is not None:
+            message = str(exc) if isinstance(exc, StartError) else repr(exc)
+            self.log.info(kv("start_failed", error=message))
+            await self._stop_everything()
+            return 1
+        return None
+
+    async def shutdown(self) -> int:
+        """SIGTERM: the drain order of the module docstring, top to bottom."""
+        cfg = self.config
+        sig = self.signals.received or signal.SIGTERM
+        # 1. unready, lock file gone
+        self.state.accepting = False
+        self.state.draining = True
+        self.lock.remove()
+        wait = cfg.healthcheck_interval
+        skip = "knative" if cfg.knative else ("sigint" if sig is signal.SIGINT else "")
+        self.log.info(kv("shutdown", signal=sig.name, inflight=self.state.inflight,
+                         wait=format_duration(0 if skip else wait), skip_wait=skip or "no"))
+        # 2. keep serving: the listener stays open while we wait.
+        # 3. wait for load balancers to notice; a dead function leaves nothing to serve.
+        if not skip and wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ctx.fatal.wait(), wait)
+        # 4. + 5. stop the listener, drain in-flight requests up to write_timeout
+        self.log.info(kv("draining", inflight=self.state.inflight,
+                         timeout=format_duration(cfg.write_timeout)))
+        await self._stop_listener()
+        # 6. stop the mode: its processes ending now is expected, not an error
+        await self.mode.stop()
+        await self._stop_metrics()
+        # 7.
+        self.log.info(kv("exit", code=0, inflight=self.state.inflight))
+        return 0
+
+    async def fail(self) -> int:
+        """The function's process died while serving: exit 1 so it is restarted."""
+        self.state.accepting = False
+        self.lock.remove()
+        self.log.info(kv("function_died", action="exiting 1 so the platform restarts it"))
+        await self._stop_everything()
+        self.log.info(kv("exit", code=1))
+        return 1
+
+    async def _stop_listener(self) -> None:
+        if self._runner is not None and self._runner.server is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _stop_metrics(self) -> None:
+        if self._metrics_runner is not None and self._metrics_runner.server is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+    async def _stop_everything(self) -> None:
+        await self._stop_listener()
+        await self.mode.stop()
+        await self._stop_metrics()
+
+    @staticmethod
+    async def _first(*events: asyncio.Event) -> asyncio.Event:
+        waits = {asyncio.ensure_future(e.wait()): e for e in events}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return waits[next(iter(done))]
+
+
+async def serve(config: Config, *, log: logging.Logger, stdout: TextIO, stderr: TextIO) -> int:
+    return await Watchdog(config, log=log, stdout=stdout, stderr=stderr).run()
