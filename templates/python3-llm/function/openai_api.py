@@ -4,7 +4,8 @@
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and
 ``GET /v1/models/<id>`` in the python3-http return convention (a dict
 ``{statusCode, headers, body}``; a streamed body is an iterator the template's
-``index.py`` writes as server-sent events).
+``index.py`` writes as server-sent events). This module is the wire protocol:
+validation, errors, response and chunk shapes. The token loop is ``generation.py``.
 
 Invariants:
 - Every failure the client caused is a 4xx with OpenAI's error JSON
@@ -12,16 +13,11 @@ Invariants:
   model before validation passed (types, ranges, UTF-8, context length).
 - At most ``config.max_concurrent`` generations run at once; one more is a 503,
   never a queue. A slot is released exactly once, *before* the last byte of the
-  answer is produced, so a client that got its answer can start the next request
-  without racing the release.
-- Generation is a plain token loop with a KV cache run by whoever iterates it: it
-  stops at the next token when the iterator is closed or ``context.cancelled`` (a
-  ``threading.Event`` the server sets when the client disconnects) is set, and logs
-  ``generation_cancelled``. No thread is left behind.
-- Inference mode is entered per forward step, never held across a ``yield``: successive
-  steps may run on different threads and grad mode is thread-local.
-- Sampling uses a per-request ``torch.Generator`` (seeded from ``seed`` when given):
-  no global RNG state is read or changed.
+  answer is produced and before the generation's end is logged, so a client that
+  got its answer (or saw the log) can start the next request without a race.
+- A disconnected client stops its generation at the next token: the template sets
+  ``context.cancelled`` and closes the streamed iterator.
+- Importing this module does not import torch (tests and tools parse requests cheaply).
 """
 
 from __future__ import annotations
@@ -32,12 +28,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # torch is imported where generation starts, so parsing stays light
-    import torch
+from .generation import Generation, SamplingParams
 
 LOG = logging.getLogger("openai_api")
 
@@ -132,15 +127,6 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
 
 
 # ---------------------------------------------------------------- request parsing
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int | None  # None: up to the default, bounded by the context
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -349,166 +335,6 @@ class _Slot:
         if self._held:
             self._held = False
             self._semaphore.release()
-
-
-class Generation:
-    """Iterate to get text pieces; afterwards ``finish_reason`` and token counts hold.
-
-    Stop sequences are found in the decoded text; a piece that might be the start
-    of one is held back until it is known not to be, so stop text never leaks out.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        eos_ids: frozenset[int],
-        cancelled: threading.Event | None,
-        request_id: str,
-        on_end: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._model = model
-        self._tokenizer = tokenizer
-        self._prompt_ids = prompt_ids
-        self._params = params
-        self._max_new_tokens = max_new_tokens
-        self._eos_ids = eos_ids
-        self._cancelled = cancelled
-        self._request_id = request_id
-        self._on_end = on_end
-        self._pieces = self._run()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def close(self) -> None:
-        self._pieces.close()
-
-    def text(self) -> str:
-        return "".join(self._pieces)
-
-    def _next_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        import torch
-
-        params = self._params
-        if params.temperature == 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        if params.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (at least one token).
-            drop = cumulative - sorted_probs >= params.top_p
-            drop[0] = False
-            sorted_probs[drop] = 0
-            choice = torch.multinomial(sorted_probs, 1, generator=generator)
-            return int(order[choice])
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _run(self) -> Iterator[str]:
-        import torch
-        from transformers import DynamicCache
-
-        model, params = self._model, self._params
-        device = model.device
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
-        cache = DynamicCache()
-        generated: list[int] = []
-        emitted = 0  # characters of the decoded completion already yielded
-        matched_stop = False
-        started = time.monotonic()
-        next_input = torch.tensor([self._prompt_ids], device=device)
-        try:
-            while len(generated) < self._max_new_tokens:
-                if self._cancelled is not None and self._cancelled.is_set():
-                    return
-                with torch.inference_mode():
-                    out = model(input_ids=next_input, cache=cache, use_cache=True)
-                    token = self._next_token(out.logits[0, -1], generator)
-                if token in self._eos_ids:
-                    self.finish_reason = "stop"
-                    break
-                generated.append(token)
-                self.completion_tokens = len(generated)
-                next_input = torch.tensor([[token]], device=device)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                cut = _find_stop(text, params.stop, emitted)
-                if cut is not None:
-                    self.finish_reason = "stop"
-                    matched_stop = True
-                    if cut > emitted:
-                        yield text[emitted:cut]
-                    emitted = cut
-                    break
-                safe = _safe_end(text, params.stop)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            else:
-                self.finish_reason = "length"
-            if not matched_stop:
-                # Flush what was held back (a would-be stop prefix, a partial character).
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                if len(text) > emitted:
-                    yield text[emitted:]
-        finally:
-            # Before the log line: whoever sees the line may reuse the slot at once.
-            self._on_end()
-            seconds = time.monotonic() - started
-            if self.finish_reason is None:
-                LOG.info(
-                    "generation_cancelled id=%s completion_tokens=%d seconds=%.3f",
-                    self._request_id,
-                    self.completion_tokens,
-                    seconds,
-                )
-            else:
-                LOG.info(
-                    "generation_finished id=%s finish_reason=%s prompt_tokens=%d "
-                    "completion_tokens=%d seconds=%.3f",
-                    self._request_id,
-                    self.finish_reason,
-                    self.prompt_tokens,
-                    self.completion_tokens,
-                    seconds,
-                )
-
-
-def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
-    """Index where the earliest stop sequence starts, searching only new text."""
-    best = None
-    for stop in stops:
-        # A stop may straddle what was emitted and what is new, but never starts
-        # inside emitted text (that text was checked not to begin one).
-        i = text.find(stop, max(0, emitted - len(stop) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _safe_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of ``text`` can be emitted without risking part of a stop sequence."""
-    end = len(text)
-    # An incomplete multi-byte character decodes to U+FFFD until its last token.
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text.endswith(stop[:k], 0, end):
-                hold = max(hold, k)
-                break
-    return end - hold
 
 
 # ---------------------------------------------------------------- the server

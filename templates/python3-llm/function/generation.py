@@ -1,0 +1,199 @@
+"""The token loop behind the OpenAI API: sampling, stop sequences, cancellation.
+
+``Generation`` is an iterator of text pieces; whoever iterates it runs the model.
+
+Invariants:
+- It stops at the next token when closed or when ``cancelled`` (a
+  ``threading.Event``) is set, and then logs ``generation_cancelled``; a finished
+  run logs ``generation_finished``. ``on_end`` (the concurrency slot's release) runs
+  exactly once, before either line is logged, whatever ended the run.
+- Inference mode is entered per forward step, never held across a ``yield``:
+  successive steps may run on different threads and grad mode is thread-local.
+- Sampling uses a per-request ``torch.Generator`` (seeded from ``seed`` when given):
+  no global RNG state is read or changed.
+- Stop text never reaches the output: text that could be the start of a stop
+  sequence is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported when a generation starts, so parsing stays light
+    import torch
+
+LOG = logging.getLogger("generation")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None  # None: up to the default, bounded by the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Generation:
+    """Iterate to get text pieces; afterwards ``finish_reason`` and token counts hold.
+
+    Stop sequences are found in the decoded text; a piece that might be the start
+    of one is held back until it is known not to be, so stop text never leaks out.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        eos_ids: frozenset[int],
+        cancelled: threading.Event | None,
+        request_id: str,
+        on_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._model = model
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
+        self._params = params
+        self._max_new_tokens = max_new_tokens
+        self._eos_ids = eos_ids
+        self._cancelled = cancelled
+        self._request_id = request_id
+        self._on_end = on_end
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def _next_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        import torch
+
+        params = self._params
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (at least one token).
+            drop = cumulative - sorted_probs >= params.top_p
+            drop[0] = False
+            sorted_probs[drop] = 0
+            choice = torch.multinomial(sorted_probs, 1, generator=generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _run(self) -> Iterator[str]:
+        import torch
+        from transformers import DynamicCache
+
+        model, params = self._model, self._params
+        device = model.device
+        generator = torch.Generator(device=device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        cache = DynamicCache()
+        generated: list[int] = []
+        emitted = 0  # characters of the decoded completion already yielded
+        matched_stop = False
+        started = time.monotonic()
+        next_input = torch.tensor([self._prompt_ids], device=device)
+        try:
+            while len(generated) < self._max_new_tokens:
+                if self._cancelled is not None and self._cancelled.is_set():
+                    return
+                with torch.inference_mode():
+                    out = model(input_ids=next_input, cache=cache, use_cache=True)
+                    token = self._next_token(out.logits[0, -1], generator)
+                if token in self._eos_ids:
+                    self.finish_reason = "stop"
+                    break
+                generated.append(token)
+                self.completion_tokens = len(generated)
+                next_input = torch.tensor([[token]], device=device)
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                cut = _find_stop(text, params.stop, emitted)
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    matched_stop = True
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    emitted = cut
+                    break
+                safe = _safe_end(text, params.stop)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            else:
+                self.finish_reason = "length"
+            if not matched_stop:
+                # Flush what was held back (a would-be stop prefix, a partial character).
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                if len(text) > emitted:
+                    yield text[emitted:]
+        finally:
+            # Before the log line: whoever sees the line may reuse the slot at once.
+            self._on_end()
+            seconds = time.monotonic() - started
+            if self.finish_reason is None:
+                LOG.info(
+                    "generation_cancelled id=%s completion_tokens=%d seconds=%.3f",
+                    self._request_id,
+                    self.completion_tokens,
+                    seconds,
+                )
+            else:
+                LOG.info(
+                    "generation_finished id=%s finish_reason=%s prompt_tokens=%d "
+                    "completion_tokens=%d seconds=%.3f",
+                    self._request_id,
+                    self.finish_reason,
+                    self.prompt_tokens,
+                    self.completion_tokens,
+                    seconds,
+                )
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    """Index where the earliest stop sequence starts, searching only new text."""
+    best = None
+    for stop in stops:
+        # A stop may straddle what was emitted and what is new, but never starts
+        # inside emitted text (that text was checked not to begin one).
+        i = text.find(stop, max(0, emitted - len(stop) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be emitted without risking part of a stop sequence."""
+    end = len(text)
+    # An incomplete multi-byte character decodes to U+FFFD until its last token.
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text.endswith(stop[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return end - hold
