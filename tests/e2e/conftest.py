@@ -133,9 +133,16 @@ class FaasCli:
             if context.exists():
                 shutil.rmtree(context)
             shutil.copytree(self.workdir / "template" / lang, context, ignore=_IGNORE)
+            # An overlay, entry by entry, as faas-cli's createBuildTemplate does:
+            # template files the user removed stay; "build" and "template" are skipped.
             target = context / handler_folder
-            shutil.rmtree(target)
-            shutil.copytree(self.workdir / fn["handler"], target, ignore=_IGNORE)
+            for entry in sorted((self.workdir / fn["handler"]).iterdir()):
+                if entry.name in ("build", "template") or _IGNORE(str(entry.parent), [entry.name]):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, target / entry.name, dirs_exist_ok=True, ignore=_IGNORE)
+                else:
+                    shutil.copy2(entry, target / entry.name)
             contexts[name] = context
         return contexts
 
