@@ -101,8 +101,12 @@ class Watchdog:
 
 
 def start_watchdog(env: Mapping[str, str], tmp_path: Path, *, cwd: Path | None = None,
-                   args: tuple[str, ...] = ()) -> Watchdog:
-    """Start the real ``fwatchdog`` on free ports, its lock file under ``tmp_path``."""
+                   args: tuple[str, ...] = (), unset: tuple[str, ...] = ()) -> Watchdog:
+    """Start the real ``fwatchdog`` on free ports, its lock file under ``tmp_path``.
+
+    ``unset`` removes variables this helper would set (e.g. ``port``, to test
+    Knative's ``PORT``).
+    """
     tmpdir = tmp_path / "wd-tmp"
     tmpdir.mkdir(exist_ok=True)
     port, metrics_port = free_port(), free_port()
@@ -115,11 +119,14 @@ def start_watchdog(env: Mapping[str, str], tmp_path: Path, *, cwd: Path | None =
         "PYTHONUNBUFFERED": "1",
     }
     full.update(env)
+    for name in unset:
+        full.pop(name, None)
     proc = subprocess.Popen(
         [FWATCHDOG, *args], env=full, cwd=str(cwd or tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    wd = Watchdog(proc=proc, port=int(full["port"]), metrics_port=int(full["metrics_port"]),
+    serving_port = full.get("port") or full.get("PORT") or "8080"
+    wd = Watchdog(proc=proc, port=int(serving_port), metrics_port=int(full["metrics_port"]),
                   tmpdir=tmpdir)
 
     def read() -> None:
@@ -145,3 +152,267 @@ def watchdog_factory(tmp_path: Path) -> Iterator[Callable[..., Watchdog]]:
     yield factory
     for wd in started:
         wd.stop()
+
+
+# -- an upstream function for mode=http tests ------------------------------------
+
+UPSTREAM_SCRIPT = r'''
+"""A test function for mode=http: an aiohttp app with one route per behaviour.
+
+argv: PORT. Environment: UPSTREAM_SIGNALS, a folder where the test drops files
+to release held requests; UPSTREAM_WAIT_BEFORE_LISTEN, a file name to wait for
+before listening; UPSTREAM_EXIT_AT_START, an exit code to die with at once.
+"""
+import asyncio, json, os, sys
+from aiohttp import web
+
+SIG = os.environ.get("UPSTREAM_SIGNALS", ".")
+
+async def until(name):
+    path = os.path.join(SIG, name)
+    while not os.path.exists(path):
+        await asyncio.sleep(0.01)
+
+def mark(name):
+    with open(os.path.join(SIG, name), "w"):
+        pass
+
+async def echo(request):
+    body = await request.read()
+    return web.json_response({
+        "method": request.method, "path_qs": request.raw_path,
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body": body.decode("latin-1"), "length": len(body),
+    })
+
+async def hold(request):
+    name = request.query["release"]
+    mark("held-" + name)
+    await until(name)
+    return web.Response(text="released " + name)
+
+async def slow(request):
+    await asyncio.sleep(float(request.query.get("s", "5")))
+    return web.Response(text="slow")
+
+async def sse(request):
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b"data: first\n\n")
+    await until(request.query.get("release", "sse"))
+    await resp.write(b"data: second\n\n")
+    await resp.write_eof()
+    return resp
+
+async def trickle(request):
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    for i in range(1000):
+        await resp.write(b'{"n": %d}\n' % i)
+        await asyncio.sleep(0.05)
+    return resp
+
+async def cut(request):
+    # Promise 1000 bytes, send 10, close: the upstream stays alive.
+    request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return web.Response()
+
+async def cut_big(request):
+    request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 100000)
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return web.Response()
+
+async def hop(request):
+    return web.Response(text="hop", headers={
+        "Connection": "X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5",
+        "X-Kept": "yes", "Set-Cookie": "a=1"}, )
+
+async def plain(request):
+    # Written raw: aiohttp would add a Content-Type of its own.
+    request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nno type")
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return web.Response()
+
+SITES = []
+
+DEAF = []
+
+async def unlisten(request):
+    # Stop listening but stay alive: new connections are refused, pooled ones cut.
+    DEAF.append(True)
+    asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(SITES[0].stop()))
+    return web.Response(text="unlistening", headers={"Connection": "close"})
+
+@web.middleware
+async def deafness(request, handler):
+    if DEAF:
+        request.transport.close()
+        raise ConnectionResetError("deaf")
+    return await handler(request)
+
+async def status(request):
+    return web.Response(status=int(request.match_info["code"]), text="status")
+
+async def ready(request):
+    path = os.path.join(SIG, "ready-status")
+    code = int(open(path).read()) if os.path.exists(path) else 200
+    return web.Response(status=code, text="function ready answer")
+
+async def die(request):
+    code = int(request.query.get("code", "3"))
+    asyncio.get_running_loop().call_later(0.05, os._exit, code)
+    return web.Response(text="dying")
+
+async def ws(request):
+    sock = web.WebSocketResponse()
+    await sock.prepare(request)
+    async for msg in sock:
+        if msg.type == web.WSMsgType.TEXT:
+            if msg.data == "close":
+                await sock.close(code=4001, message=b"bye")
+                break
+            await sock.send_str("echo:" + msg.data)
+        elif msg.type == web.WSMsgType.BINARY:
+            await sock.send_bytes(msg.data[::-1])
+    mark("ws-closed-%s" % sock.close_code)
+    return sock
+
+async def orphan(request):
+    # Double fork: the grandchild outlives its parent and is reparented to the
+    # init of this PID namespace (the watchdog), then exits when released.
+    pid = os.fork()
+    if pid == 0:
+        gpid = os.fork()
+        if gpid == 0:
+            with open(os.path.join(SIG, "orphan-pid"), "w") as f:
+                f.write(str(os.getpid()))
+            while not os.path.exists(os.path.join(SIG, "orphan-go")):
+                import time; time.sleep(0.01)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return web.Response(text="spawned")
+
+async def procstate(request):
+    pid = request.query["pid"]
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return web.Response(text="gone")
+    return web.Response(text=stat[stat.rfind(")") + 2:].split()[0])
+
+async def main():
+    wait = os.environ.get("UPSTREAM_WAIT_BEFORE_LISTEN")
+    if wait:
+        await until(wait)
+    code = os.environ.get("UPSTREAM_EXIT_AT_START")
+    if code:
+        print("upstream giving up", flush=True)
+        sys.exit(int(code))
+    app = web.Application(client_max_size=1 << 30, middlewares=[deafness])
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_route("*", "/echo/{tail:.*}", echo)
+    app.router.add_get("/hold", hold)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/trickle", trickle)
+    app.router.add_get("/cut", cut)
+    app.router.add_get("/cut-big", cut_big)
+    app.router.add_get("/hop", hop)
+    app.router.add_get("/plain", plain)
+    app.router.add_get("/unlisten", unlisten)
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/die", die)
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/orphan", orphan)
+    app.router.add_get("/procstate", procstate)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", int(sys.argv[1]))
+    SITES.append(site)
+    await site.start()
+    print("upstream listening", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+'''
+
+
+@dataclass
+class Upstream:
+    """The test function of :data:`UPSTREAM_SCRIPT` and its signal folder."""
+
+    port: int
+    script: Path
+    signals: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "mode": "http",
+            "fprocess": f"{sys.executable} {self.script} {self.port}",
+            "upstream_url": self.url,
+            "UPSTREAM_SIGNALS": str(self.signals),
+            "healthcheck_interval": "0s",
+        }
+        env.update(extra)
+        return env
+
+    def signal(self, name: str) -> None:
+        (self.signals / name).touch()
+
+    def seen(self, name: str) -> bool:
+        return (self.signals / name).exists()
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Upstream:
+    """Files for an http-mode function on a free port; fwatchdog starts it."""
+    script = tmp_path / "upstream.py"
+    script.write_text(UPSTREAM_SCRIPT)
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    return Upstream(port=free_port(), script=script, signals=signals)
+
+
+@dataclass
+class Reply:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+def fetch(url: str, method: str = "GET", *, headers: Mapping[str, str] | None = None,
+          body: bytes | None = None, timeout: float = 10.0) -> Reply:
+    """One request over a fresh connection; any status is a reply, not an error."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    try:
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        conn.request(method, target, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, resp.reason, resp.getheaders(), data)
+    finally:
+        conn.close()

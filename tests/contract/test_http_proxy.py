@@ -1,0 +1,155 @@
+"""mode=http: what crosses the proxy, both ways (CONTRACT.md, Modes: http).
+
+Each test starts the real fwatchdog, which starts the test function of
+``conftest.UPSTREAM_SCRIPT`` as its ``fprocess``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+from tests.conftest import fetch, http_status, wait_until
+
+INTERNAL = "X-OpenFaaS-Internal"
+
+
+def test_path_query_method_headers_host_and_body_reach_the_function(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    reply = fetch(wd.url + "/echo/a%20b/c?x=1&y=%2F", "PUT",
+                  headers={"X-Custom": "v1", "Content-Type": "text/plain"}, body=b"payload")
+    assert reply.status == 200
+    seen = json.loads(reply.body)
+    assert seen["method"] == "PUT"
+    assert seen["path_qs"] == "/echo/a%20b/c?x=1&y=%2F"  # raw, not re-encoded
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["x-custom"] == "v1"
+    assert headers["host"] == f"127.0.0.1:{wd.port}"  # the client's Host, kept
+    assert headers["content-type"] == "text/plain"
+    assert seen["body"] == "payload"
+    # Exactly what the client (http.client) sent: no proxy defaults added.
+    assert set(headers) == {"host", "accept-encoding", "content-length", "x-custom",
+                            "content-type"}
+    assert headers["accept-encoding"] == "identity"
+
+
+def test_x_duration_seconds_is_added_to_the_response(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    reply = fetch(wd.url + "/echo")
+    value = reply.header("X-Duration-Seconds")
+    assert value is not None and re.fullmatch(r"\d+\.\d{6}", value), value
+    assert 0 < float(value) < 5
+
+
+def test_hop_by_hop_headers_are_dropped_both_ways(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    reply = fetch(wd.url + "/echo", headers={
+        "Connection": "X-Drop", "X-Drop": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
+        "X-Stay": "2"})
+    headers = {k.lower(): v for k, v in json.loads(reply.body)["headers"]}
+    assert "x-drop" not in headers and "keep-alive" not in headers and "te" not in headers
+    assert headers["x-stay"] == "2"
+
+    reply = fetch(wd.url + "/hop")
+    names = {k.lower() for k, _ in reply.headers}
+    assert "x-private" not in names and "keep-alive" not in names
+    assert reply.header("X-Kept") == "yes" and reply.header("Set-Cookie") == "a=1"
+
+
+def test_response_headers_are_not_invented(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    reply = fetch(wd.url + "/plain")
+    assert reply.status == 200 and reply.body == b"no type"
+    names = {k.lower() for k, _ in reply.headers}
+    assert "content-type" not in names and "server" not in names
+
+
+def test_status_and_head_are_relayed(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    assert fetch(wd.url + "/status/418", "DELETE").status == 418
+    reply = fetch(wd.url + "/echo", "HEAD")
+    assert reply.status == 200 and reply.body == b""
+    assert int(reply.header("Content-Length") or "0") > 0  # the upstream's, kept
+
+
+def test_connection_error_is_500_and_streams_get_502(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    assert fetch(wd.url + "/unlisten").status == 200
+    wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", upstream.port)) != 0,
+               what="upstream to stop listening")
+    reply = fetch(wd.url + "/echo")
+    assert reply.status == 500 and reply.header(INTERNAL) == "of-watchdog"
+    assert reply.header("X-Duration-Seconds") is not None
+    # A streamed request failing before headers: 502, not of-watchdog's empty 200.
+    reply = fetch(wd.url + "/sse", headers={"Accept": "text/event-stream"})
+    assert reply.status == 502 and reply.header(INTERNAL) == "of-watchdog"
+    assert http_status(wd.url + "/_/health") == 200  # the process itself is alive
+
+
+def test_exec_timeout_is_504(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env(exec_timeout="500ms"))
+    wd.wait_ready()
+    started = time.monotonic()
+    reply = fetch(wd.url + "/slow?s=10")
+    assert reply.status == 504 and reply.header(INTERNAL) == "of-watchdog"
+    assert time.monotonic() - started < 5
+
+
+def test_x_timeout_may_only_shorten_exec_timeout(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env(exec_timeout="1s"))
+    wd.wait_ready()
+    started = time.monotonic()
+    assert fetch(wd.url + "/slow?s=10", headers={"X-Timeout": "200ms"}).status == 504
+    assert time.monotonic() - started < 0.9
+    # Longer than exec_timeout, or zero: ignored, the 1 s limit still holds.
+    for value in ("10s", "0s", "nonsense"):
+        started = time.monotonic()
+        assert fetch(wd.url + "/slow?s=10", headers={"X-Timeout": value}).status == 504
+        assert 0.9 < time.monotonic() - started < 5, value
+    # Within the limit, the request completes.
+    assert fetch(wd.url + "/slow?s=0.1", headers={"X-Timeout": "900ms"}).status == 200
+
+
+def test_buffer_http_sends_content_length_not_chunked(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env(buffer_http="true"))
+    wd.wait_ready()
+    chunks = iter([b"abc", b"def" * 1000])
+    # An iterable body: http.client sends it chunked.
+    reply = fetch(wd.url + "/echo", "POST", body=chunks)  # type: ignore[arg-type]
+    seen = json.loads(reply.body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert seen["length"] == 3003
+    assert headers.get("content-length") == "3003" and "transfer-encoding" not in headers
+
+
+def test_large_unbuffered_body_is_streamed_chunked(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    piece = b"z" * 65536
+    reply = fetch(wd.url + "/echo", "POST", body=iter([piece] * 8))  # type: ignore[arg-type]
+    seen = json.loads(reply.body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert seen["length"] == 8 * 65536
+    assert headers.get("transfer-encoding") == "chunked"
+
+
+def test_function_output_is_forwarded_with_prefix(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    wd.wait_output("stdout: upstream listening")
+
+
+def test_function_output_without_prefix(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env(prefix_logs="false"))
+    wd.wait_ready()
+    wd.wait_output("upstream listening")
+    assert not any("stdout: upstream listening" in line for line in wd.output)
+    assert any(line.strip() == "upstream listening" for line in wd.output)
