@@ -1,0 +1,305 @@
+"""Restore: run a function's unmodified start-up with its traced loads served from a
+template.
+
+    with restore(template_dir, function_dir) as stats:
+        handler = import_handler(function_dir)
+
+Invariants:
+- Wrong weights are impossible, a slow start is acceptable: the template is used only
+  when its manifest is sound, its fingerprint matches this environment, and its
+  files hash to what the manifest says (or a holder that checked them hands out the
+  bytes). Otherwise nothing is intercepted and the start-up runs the ordinary way;
+  `stats.rejected` and a `template_rejected` log line say why.
+- A load whose key was not traced, or was traced as dynamic, runs the original
+  loader (a miss, counted and logged). A served load that cannot be rebuilt falls
+  back to the original loader too.
+- Tensors come back on the device the traced loader returned them on. Unmutated ones
+  are zero-copy views of shared memory (file mmaps or a holder's buffer); tensors the
+  samples mutated are private copies.
+- CPU file views are copy-on-write mappings: a handler writing to a weight changes
+  only its own pages, never the files or other handlers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import mmap
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from fwatchdog.template_cache import fingerprint
+from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
+from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
+from fwatchdog.template_cache.tensors import view_tensor
+from fwatchdog.template_cache.verify import read_manifest, structure_problems
+from fwatchdog.template_cache.writer import sha256_file
+
+LOG = logging.getLogger("fwatchdog.template_cache")
+
+
+class TensorSource(Protocol):
+    """Where a restore takes tensor bytes from: file mmaps, or a holder's buffer."""
+
+    manifest_sha256: str
+    verified: bool  # the bytes were already checked against the manifest
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RestoreStats:
+    """Counters of one restore; the runtime exports them as metrics."""
+
+    template: str
+    used: bool = False
+    rejected: str | None = None
+    hits: int = 0
+    misses: int = 0
+    dynamic: int = 0
+    tensors_served: int = 0
+    miss_reasons: list[str] = field(default_factory=list)
+
+
+class MappedFiles:
+    """Zero-copy views of the template's files through private (copy-on-write) mmaps."""
+
+    verified = False
+
+    def __init__(self, manifest: Manifest, template_dir: Path, function_dir: Path | None,
+                 manifest_sha256: str) -> None:
+        self.manifest_sha256 = manifest_sha256
+        self._paths = {f.id: f.resolve(template_dir, function_dir) for f in manifest.files}
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        if entry.nbytes == 0:
+            return view_tensor(b"", 0, entry.dtype, entry.shape)
+        mapped = self._maps.get(entry.file)
+        if mapped is None:
+            with open(self._paths[entry.file], "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[entry.file] = mapped
+        return view_tensor(mapped, entry.offset, entry.dtype, entry.shape)
+
+    def close(self) -> None:
+        # Tensors keep their mmaps alive; dropping our references is enough.
+        self._maps.clear()
+
+
+def manifest_sha256(template_dir: Path) -> str:
+    return hashlib.sha256((Path(template_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def check_template(template_dir: Path, function_dir: Path | None,
+                   source: TensorSource | None, hash_files: bool = True) -> Manifest:
+    """The manifest when this template may be used here; TemplateError saying why not."""
+    manifest = read_manifest(template_dir)
+    problems = structure_problems(manifest, template_dir, function_dir)
+    if problems:
+        raise TemplateError("; ".join(problems))
+    running = fingerprint.current(function_dir) if function_dir else {}
+    differences = fingerprint.mismatches(manifest.raw["fingerprint"], running)
+    if differences:
+        raise TemplateError("fingerprint differs: " + "; ".join(differences))
+    if source is not None:
+        if source.manifest_sha256 != manifest_sha256(template_dir):
+            raise TemplateError("the attached buffer holds another template")
+        if source.verified:
+            return manifest
+    if hash_files:
+        for entry in manifest.files:
+            if sha256_file(entry.resolve(template_dir, function_dir)) != entry.sha256:
+                raise TemplateError(f"file {entry.id} ({entry.path}) changed since the trace")
+    return manifest
+
+
+@contextmanager
+def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | None = None,
+            hash_files: bool = True) -> Iterator[RestoreStats]:
+    template_dir = Path(template_dir)
+    stats = RestoreStats(template=str(template_dir))
+    try:
+        manifest = check_template(template_dir, function_dir, source, hash_files)
+    except (TemplateError, OSError) as exc:
+        stats.rejected = str(exc)
+        LOG.warning("template_rejected template=%s reason=%r", template_dir, stats.rejected)
+        yield stats
+        _log_done(stats)
+        return
+    stats.used = True
+    with ExitStack() as stack:
+        if source is None:
+            source = MappedFiles(manifest, template_dir, function_dir,
+                                 manifest_sha256(template_dir))
+            stack.callback(source.close)
+        server = _Server(manifest, source, Path(function_dir), stats)
+        stack.enter_context(intercept_loaders(server))
+        try:
+            yield stats
+        finally:
+            _log_done(stats)
+
+
+def _log_done(stats: RestoreStats) -> None:
+    LOG.info("template_restore_done template=%s used=%s hits=%d misses=%d dynamic=%d"
+             " tensors=%d", stats.template, stats.used, stats.hits, stats.misses,
+             stats.dynamic, stats.tensors_served)
+
+
+class _Miss(Exception):
+    """A traced load this restore cannot serve; the original loader runs instead."""
+
+
+class _Server:
+    def __init__(self, manifest: Manifest, source: TensorSource, function_dir: Path,
+                 stats: RestoreStats) -> None:
+        self._entries = manifest.tensor_map()
+        self._loads = {load["key"]: load for load in manifest.raw["loads"]}
+        self._dynamic = {s["key"]: s["reason"] for s in manifest.raw["skipped_loads"]}
+        self._source = source
+        self._function_dir = function_dir
+        self._stats = stats
+
+    def handle(self, loader: Loader, original: Callable[..., Any], owner: Any,
+               args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        key, reason = call_key(loader, owner, args, kwargs, self._function_dir)
+        load = self._loads.get(key) if key else None
+        if load is None:
+            if key in self._dynamic:
+                self._stats.dynamic += 1
+                LOG.info("template_dynamic loader=%s key=%s reason=%r", loader.value, key,
+                         self._dynamic[key])
+            else:
+                self._miss(loader, key, reason or "not traced")
+            return original(*args, **kwargs)
+        try:
+            if loader is Loader.FROM_PRETRAINED:
+                result: Any = self._model(load)
+            elif loader is Loader.SAFE_OPEN:
+                result = _ServedSafeOpen(self, load, original, args, kwargs)
+            else:
+                result = self._mapping(load)
+        except _Miss as exc:
+            self._miss(loader, key, str(exc))
+            return original(*args, **kwargs)
+        self._stats.hits += 1
+        LOG.info("template_hit loader=%s key=%s tensors=%d", loader.value, key,
+                 len(load["tensors"]))
+        return result
+
+    def _miss(self, loader: Loader, key: str | None, reason: str) -> None:
+        self._stats.misses += 1
+        self._stats.miss_reasons.append(f"{loader.value}: {reason}")
+        LOG.info("template_miss loader=%s key=%s reason=%r", loader.value, key, reason)
+
+    def tensor(self, load: dict[str, Any], index_name: str) -> torch.Tensor:
+        entry = self._entries[index_name]
+        shared = self._source.tensor(entry)
+        tensor = shared if str(shared.device) == load["device"] else shared.to(load["device"])
+        if entry.mutated and tensor.data_ptr() == shared.data_ptr():
+            tensor = tensor.clone()  # the function writes to it: never share it
+        self._stats.tensors_served += 1
+        return tensor
+
+    def _mapping(self, load: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if load["device"] == "mixed":
+            raise _Miss("tensors on several devices")
+        container: dict[str, torch.Tensor] = (
+            OrderedDict() if load.get("container") == "OrderedDict" else {})
+        for local, index_name in load["tensors"].items():
+            container[local] = self.tensor(load, index_name)
+        return container
+
+    def _model(self, load: dict[str, Any]) -> Any:
+        if load["device"] == "mixed":
+            raise _Miss("tensors on several devices")
+        info = load["model"]
+        try:
+            model_cls = _import(info["class"])
+            config = _import(info["config_class"]).from_dict(dict(info["config"]))
+            if info.get("attn_implementation"):
+                config._attn_implementation = info["attn_implementation"]
+            with torch.device("meta"):
+                model = model_cls(config)
+        except Exception as exc:  # noqa: BLE001 - any failure means: load the normal way
+            raise _Miss(f"cannot build the model skeleton: {exc!r}") from exc
+        params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        buffers = [n for n, _ in model.named_buffers(remove_duplicate=False)]
+        if sorted(params) != sorted(info["parameters"]) or sorted(buffers) != sorted(
+                info["buffers"]):
+            raise _Miss("the model skeleton's tensors differ from the traced model's")
+        grads = set(load.get("requires_grad", []))
+        made: dict[str, torch.Tensor] = {}
+        for local in params:
+            index_name = load["tensors"][local]
+            if index_name not in made:  # tied weights: one Parameter for every name
+                made[index_name] = torch.nn.Parameter(self.tensor(load, index_name),
+                                                      requires_grad=index_name in grads)
+            module, leaf = _owner(model, local)
+            module._parameters[leaf] = made[index_name]
+        for local in buffers:
+            index_name = load["tensors"][local]
+            if index_name not in made:
+                made[index_name] = self.tensor(load, index_name)
+            module, leaf = _owner(model, local)
+            module._buffers[leaf] = made[index_name]
+        if info.get("generation_config") is not None:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_dict(dict(info["generation_config"]))
+        model.train(bool(info.get("training", False)))
+        return model
+
+
+class _ServedSafeOpen:
+    """safe_open's handle: traced tensors from the template, others from the real file."""
+
+    def __init__(self, server: _Server, load: dict[str, Any], original: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._server = server
+        self._load = load
+        self._open = lambda: original(*args, **kwargs)
+        self._real: Any = None
+
+    def _file(self) -> Any:
+        if self._real is None:
+            self._real = self._open()
+        return self._real
+
+    def __enter__(self) -> _ServedSafeOpen:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._real = None
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        index_name = self._load["tensors"].get(name)
+        if index_name is None:
+            self._server._miss(Loader.SAFE_OPEN, self._load["key"], f"tensor {name} not traced")
+            return self._file().get_tensor(name)
+        return self._server.tensor(self._load, index_name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._file(), attr)
+
+
+def _import(qualified: str) -> Any:
+    module, _, name = qualified.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), leaf
