@@ -237,9 +237,7 @@ class HandlerServer:
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
         if content_type is None:
             sse = "text/event-stream" in request.headers.get("Accept", "")
-            headers["Content-Type"] = (
-                "text/event-stream" if sse else "application/octet-stream"
-            )
+            headers["Content-Type"] = "text/event-stream" if sse else "application/octet-stream"
         else:
             sse = content_type.split(";")[0].strip().lower() == "text/event-stream"
         frame = _sse_frame if sse else _raw_frame
@@ -302,17 +300,20 @@ def _close_if_stream(future: concurrent.futures.Future[Any]) -> None:
         _close(result)
 
 
-async def serve(handle: Handle, config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return."""
-    server = HandlerServer(handle, config)
+def make_runner(handle: Handle, config: Config) -> web.AppRunner:
     # handler_cancellation: a client disconnect cancels the request's task, which
     # is how a blocked handle() or a stream learns the client is gone.
-    runner = web.AppRunner(
-        server.app(),
+    return web.AppRunner(
+        HandlerServer(handle, config).app(),
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.shutdown_timeout,
     )
+
+
+async def serve(handle: Handle, config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return."""
+    runner = make_runner(handle, config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

@@ -269,9 +269,7 @@ def parse_messages(obj: Mapping[str, Any]) -> list[dict[str, str]]:
             raise _invalid(f"'{where}' must be an object.", where)
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise _invalid(
-                f"'{where}.role' must be one of {sorted(CHAT_ROLES)}.", f"{where}.role"
-            )
+            raise _invalid(f"'{where}.role' must be one of {sorted(CHAT_ROLES)}.", f"{where}.role")
         content = message.get("content")
         if isinstance(content, list):
             # Content parts: only text parts exist for a text-only model.
@@ -393,7 +391,7 @@ class OpenAIServer:
                 if path[len("/v1/models/") :] != self.config.model_name:
                     raise APIError(
                         404,
-                        f"The model '{path[len('/v1/models/'):]}' does not exist.",
+                        f"The model '{path[len('/v1/models/') :]}' does not exist.",
                         param="model",
                         code="model_not_found",
                     )
@@ -405,9 +403,7 @@ class OpenAIServer:
                 code="not_found",
             )
         except APIError as exc:
-            LOG.info(
-                "request_rejected status=%d code=%s param=%s", exc.status, exc.code, exc.param
-            )
+            LOG.info("request_rejected status=%d code=%s param=%s", exc.status, exc.code, exc.param)
             return exc.response()
 
     def _model_card(self) -> dict[str, Any]:

@@ -1,0 +1,301 @@
+"""The OpenAI protocol module of the python3-llm default handler, without a model.
+
+Request parsing (types, ranges, UTF-8, unsupported options), the environment
+reader, the stop-sequence helpers, and the token loop driven by a scripted model
+(torch tensors, no weights): stop text never leaks, cancellation stops at the next
+token, and the concurrency slot is released exactly once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FUNCTION = Path(__file__).resolve().parents[2] / "templates" / "python3-llm" / "function"
+PACKAGE = "python3_llm_function"
+
+
+def load(name: str) -> types.ModuleType:
+    """Import a module of the function folder as the package index.py sees."""
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(FUNCTION)]
+        sys.modules[PACKAGE] = package
+    previous = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # never write __pycache__ into the template
+    try:
+        return importlib.import_module(f"{PACKAGE}.{name}")
+    finally:
+        sys.dont_write_bytecode = previous
+
+
+api = load("openai_api")
+generation = load("generation")
+
+
+def test_the_protocol_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, types; p = types.ModuleType('fn'); p.__path__ = [sys.argv[1]];"
+        "sys.modules['fn'] = p; import fn.openai_api; assert 'torch' not in sys.modules"
+    )
+    done = subprocess.run(
+        [sys.executable, "-B", "-c", code, str(FUNCTION)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def error_of(call: Any, *args: Any) -> api.APIError:
+    with pytest.raises(api.APIError) as caught:
+        call(*args)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"{", "not valid JSON"),
+        (b'"text"', "JSON object"),
+        (b"null", "JSON object"),
+    ],
+)
+def test_bodies_must_be_utf8_json_objects(body: bytes, fragment: str) -> None:
+    err = error_of(api.parse_json_object, body)
+    assert err.status == 400 and fragment in err.message
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_sampling_defaults() -> None:
+    assert api.parse_sampling({}) == generation.SamplingParams(max_tokens=None)
+
+
+def test_max_completion_tokens_is_accepted_and_wins() -> None:
+    assert api.parse_sampling({"max_completion_tokens": 5}).max_tokens == 5
+    assert api.parse_sampling({"max_tokens": 9, "max_completion_tokens": 5}).max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": False}, "max_tokens"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": 1.1}, "top_p"),
+        ({"stop": 3}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": "\ud800"}, "stop"),
+        ({"seed": 1.0}, "seed"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_bad_sampling_fields_name_their_param(fields: dict, param: str) -> None:
+    err = error_of(api.parse_sampling, fields)
+    assert (err.status, err.param) == (400, param)
+
+
+def test_explicit_nulls_mean_not_given() -> None:
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "stop": None, "seed": None}
+    assert api.parse_sampling(nulls) == generation.SamplingParams(max_tokens=None)
+
+
+def test_stream_options_need_stream() -> None:
+    assert api.parse_stream({"stream": True, "stream_options": {"include_usage": True}}) == (
+        True,
+        True,
+    )
+    assert error_of(api.parse_stream, {"stream_options": {}}).param == "stream_options"
+    assert error_of(api.parse_stream, {"stream": 1}).param == "stream"
+
+
+def test_messages_accept_text_parts_and_map_developer_to_system() -> None:
+    messages = api.parse_messages(
+        {
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None},
+            ]
+        }
+    )
+    assert messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("obj", "param"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+    ],
+)
+def test_bad_messages_name_their_param(obj: dict, param: str) -> None:
+    assert error_of(api.parse_messages, obj).param == param
+
+
+def test_prompts() -> None:
+    assert api.parse_prompt({"prompt": ["one"]}) == "one"
+    assert error_of(api.parse_prompt, {"prompt": ["a", "b"]}).param == "prompt"
+    assert error_of(api.parse_prompt, {"prompt": [1, 2]}).param == "prompt"
+    assert error_of(api.parse_prompt, {"prompt": "x", "echo": True}).param == "echo"
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_server_config_from_env() -> None:
+    config = api.ServerConfig.from_env({}, "default")
+    assert (config.model_name, config.max_concurrent, config.max_context) == ("default", 2, None)
+    config = api.ServerConfig.from_env(
+        {"MODEL_NAME": "m", "MAX_CONCURRENT_GENERATIONS": "8", "MAX_MODEL_LEN": "4096"}, "d"
+    )
+    assert (config.model_name, config.max_concurrent, config.max_context) == ("m", 8, 4096)
+    with pytest.raises(ValueError) as caught:
+        api.ServerConfig.from_env(
+            {"MAX_CONCURRENT_GENERATIONS": "0", "DEFAULT_MAX_TOKENS": "x"}, "d"
+        )
+    assert "MAX_CONCURRENT_GENERATIONS" in str(caught.value)
+    assert "DEFAULT_MAX_TOKENS" in str(caught.value)
+
+
+# ------------------------------------------------------------------ stop sequences
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "end"),
+    [
+        ("hello wor", ("world",), 6),  # "wor" may start "world": held back
+        ("hello", ("world",), 5),
+        ("abc\ufffd", (), 3),  # half a character: held back
+        ("ab", (), 2),
+    ],
+)
+def test_safe_end_holds_back_possible_stop_prefixes(text: str, stops: tuple, end: int) -> None:
+    assert generation._safe_end(text, stops) == end
+
+
+def test_find_stop_takes_the_earliest_and_may_straddle_emitted_text() -> None:
+    assert generation._find_stop("a END b STOP", ("STOP", "END"), 0) == 2
+    assert generation._find_stop("xxEN" + "D", ("END",), 3) == 2
+    assert generation._find_stop("no stop", ("END",), 0) is None
+
+
+# ------------------------------------------------------------------ the token loop
+
+
+class ScriptedModel:
+    """Emits a fixed token sequence; token ids are indices into a character table."""
+
+    def __init__(self, torch: Any, script: list[int], vocab: int) -> None:
+        self.torch = torch
+        self.script = script
+        self.vocab = vocab
+        self.device = torch.device("cpu")
+        self.calls = 0
+
+    def __call__(self, input_ids: Any, cache: Any, use_cache: bool) -> Any:
+        logits = self.torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return types.SimpleNamespace(logits=logits)
+
+
+class CharTokenizer:
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.table[i] for i in ids)
+
+
+TABLE = "#abcdefghijklmnopqrstuvwxyz ."  # id 0 is end of sequence
+
+
+def ids(text: str) -> list[int]:
+    return [TABLE.index(ch) for ch in text]
+
+
+def run(text: str, *, max_new: int = 50, stop: tuple[str, ...] = (), cancel: Any = None) -> Any:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    releases: list[int] = []
+    gen = generation.Generation(
+        ScriptedModel(torch, ids(text) + [0], len(TABLE)),
+        CharTokenizer(TABLE),
+        prompt_ids=[1, 2],
+        params=generation.SamplingParams(max_tokens=None, temperature=0, stop=stop),
+        max_new_tokens=max_new,
+        eos_ids=frozenset({0}),
+        cancelled=cancel,
+        request_id="test",
+        on_end=lambda: releases.append(1),
+    )
+    return gen, releases
+
+
+def test_generation_ends_at_eos_with_everything_flushed() -> None:
+    gen, releases = run("the end", stop=("ends",))
+    pieces = list(gen)
+    assert "".join(pieces) == "the end"  # "end" was held back as a prefix of "ends"
+    assert (gen.finish_reason, gen.completion_tokens, releases) == ("stop", 7, [1])
+
+
+def test_generation_cuts_at_a_stop_sequence_spanning_tokens() -> None:
+    gen, _ = run("say stop now", stop=("stop",))
+    assert gen.text() == "say " and gen.finish_reason == "stop"
+
+
+def test_generation_stops_at_the_token_budget() -> None:
+    gen, _ = run("abcdefgh", max_new=3)
+    assert gen.text() == "abc" and gen.finish_reason == "length"
+
+
+def test_closing_a_generation_cancels_it_once(caplog: pytest.LogCaptureFixture) -> None:
+    gen, releases = run("a long answer")
+    with caplog.at_level(logging.INFO, logger="generation"):
+        it = iter(gen)
+        next(it)
+        gen.close()
+        gen.close()
+    assert gen.finish_reason is None and releases == [1]
+    assert any(r.getMessage().startswith("generation_cancelled id=test") for r in caplog.records)
+
+
+def test_the_cancelled_event_stops_at_the_next_token() -> None:
+    cancel = threading.Event()
+    gen, releases = run("a long answer", cancel=cancel)
+    it = iter(gen)
+    first = next(it)
+    cancel.set()
+    assert list(it) == [] and first == "a"
+    assert gen.finish_reason is None and releases == [1]
