@@ -127,6 +127,11 @@ class TemplateWriter:
         self._write_packed(data)
         self._add_entry(name, PACKED_ID, offset, nbytes, dtype, shape, sha256_bytes(data), mutated)
 
+    def mark_mutated(self, name: str) -> None:
+        for entry in self._tensors:
+            if entry["name"] == name:
+                entry["mutated"] = True
+
     def finish(self, fingerprint: dict[str, Any], body: dict[str, Any]) -> Path:
         """Write the manifest and move the folder into place. `body` holds function,
         loads, skipped_loads and trace."""

@@ -56,6 +56,9 @@ def write_template(recorder: Recorder, out_dir: Path, function_dir: Path,
     writer = TemplateWriter(out_dir, created_by="fwatchdog.tracer")
     hashes: dict[Path, str] = {}
     loads: list[dict[str, Any]] = []
+    # Two loads reading the same bytes of one file share one index entry: ranges in a
+    # file never overlap.
+    by_range: dict[tuple[str, int], str] = {}
     skipped = list(recorder.skipped)
     try:
         for load in recorder.loads:
@@ -71,12 +74,20 @@ def write_template(recorder: Recorder, out_dir: Path, function_dir: Path,
                 file_ids[path] = writer.add_source_file(relative, base, path.stat().st_size,
                                                         hashes[path])
             final_devices = set()
+            alias: dict[str, str] = {}
             for t in load.tensors:
                 after = hashlib.sha256(tensor_bytes(t.tensor)).hexdigest()
                 mutated = after != t.sha256
                 final_devices.add(str(t.tensor.device))
                 if t.source is not None:
                     path, offset = t.source
+                    existing = by_range.get((file_ids[path], offset))
+                    if existing is not None:
+                        alias[t.name] = existing
+                        if mutated:
+                            writer.mark_mutated(existing)
+                        continue
+                    by_range[(file_ids[path], offset)] = t.name
                     writer.add_source_tensor(t.name, file_ids[path], offset, t.dtype, t.shape,
                                              t.sha256, mutated)
                 else:
@@ -89,9 +100,10 @@ def write_template(recorder: Recorder, out_dir: Path, function_dir: Path,
                 "key": load.key,
                 "device": sorted(devices)[0] if len(devices) == 1 else "mixed",
                 "final_device": sorted(final_devices)[0] if len(final_devices) == 1 else None,
-                "tensors": load.names,
-                "requires_grad": [t.name for t in load.tensors if t.requires_grad],
-                "access_order": [name for name in first_use if name in names],
+                "tensors": {local: alias.get(n, n) for local, n in load.names.items()},
+                "requires_grad": [alias.get(t.name, t.name) for t in load.tensors
+                                  if t.requires_grad],
+                "access_order": [alias.get(n, n) for n in first_use if n in names],
                 "container": load.container,
             }
             if load.model is not None:

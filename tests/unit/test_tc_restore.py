@@ -1,0 +1,175 @@
+"""Loader interception, restore and the shared-memory holder, in one process (no models)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from fwatchdog.template_cache import fingerprint
+from fwatchdog.template_cache.format import dumps_manifest
+from fwatchdog.template_cache.holder import HandleInfo, attach, hold
+from fwatchdog.template_cache.intercept import intercept_loaders
+from fwatchdog.template_cache.restore import restore
+from fwatchdog.template_cache.verify import verify_template
+from fwatchdog.tracer import build
+from fwatchdog.tracer.recorder import Recorder
+
+
+def _function(tmp_path: Path) -> Path:
+    function_dir = tmp_path / "function"
+    function_dir.mkdir()
+    torch.manual_seed(0)
+    safetensors.torch.save_file(
+        {"a": torch.randn(4, 8), "b": torch.arange(6, dtype=torch.int64)},
+        function_dir / "weights.safetensors")
+    torch.save(OrderedDict(w=torch.randn(3, 3, dtype=torch.bfloat16)), function_dir / "state.pt")
+    (function_dir / "handler.py").write_text("def handle(event, context):\n    return {}\n")
+    return function_dir
+
+
+def _loads(function_dir: Path) -> dict[str, torch.Tensor]:
+    """A start-up's loads, through the module attributes as user code calls them."""
+    result = {f"file.{k}": v for k, v in
+              safetensors.torch.load_file(function_dir / "weights.safetensors").items()}
+    with safetensors.safe_open(str(function_dir / "weights.safetensors"), "pt") as handle:
+        result["open.a"] = handle.get_tensor("a")
+    state = torch.load(function_dir / "state.pt", weights_only=True)
+    assert isinstance(state, OrderedDict)
+    result["pt.w"] = state["w"]
+    return result
+
+
+def _trace(function_dir: Path, out: Path, mutate: bool = False) -> tuple[Path, dict]:
+    recorder = Recorder(function_dir)
+    with intercept_loaders(recorder):
+        loaded = _loads(function_dir)
+    if mutate:
+        loaded["pt.w"].mul_(2)
+    template = build.write_template(recorder, out, function_dir,
+                                    fingerprint.current(function_dir), None, [], {})
+    return template, loaded
+
+
+def test_trace_then_restore_serves_every_loader(tmp_path: Path) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    assert verify_template(template, function_dir).ok
+    manifest = json.loads((template / "manifest.json").read_text())
+    assert [load["loader"] for load in manifest["loads"]] == ["load_file", "safe_open",
+                                                              "torch_load"]
+    files = {t["name"]: t["file"] for t in manifest["tensors"]}
+    assert files["0/a"] != "packed"  # an offset into the original file
+    assert manifest["loads"][1]["tensors"] == {"a": "0/a"}  # same bytes: one entry
+    assert files["2/w"] == "packed"  # torch.load files are not referenced by offset
+    expected = _loads(function_dir)
+    with restore(template, function_dir) as stats:
+        served = _loads(function_dir)
+    assert stats.used and stats.hits == 3 and stats.misses == 0
+    assert served.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(served[name], tensor), name
+        assert served[name].dtype == tensor.dtype
+
+
+def test_untraced_load_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    safetensors.torch.save_file({"z": torch.ones(2)}, function_dir / "other.safetensors")
+    caplog.set_level(logging.INFO, logger="fwatchdog.template_cache")
+    with restore(template, function_dir) as stats:
+        other = safetensors.torch.load_file(function_dir / "other.safetensors")
+    assert torch.equal(other["z"], torch.ones(2))
+    assert stats.misses == 1 and stats.hits == 0
+    assert "not traced" in stats.miss_reasons[0]
+    assert "template_miss loader=load_file" in caplog.text
+
+
+def test_mutated_tensor_is_a_private_copy(tmp_path: Path) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t", mutate=True)
+    manifest = json.loads((template / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tensors"] if t["mutated"]] == ["2/w"]
+    with restore(template, function_dir):
+        first = torch.load(function_dir / "state.pt", weights_only=True)["w"]
+        second = torch.load(function_dir / "state.pt", weights_only=True)["w"]
+    original = second.clone()
+    first.mul_(3)
+    assert torch.equal(second, original)  # load-time bytes, not shared with `first`
+
+
+def test_fingerprint_mismatch_runs_the_ordinary_loaders(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    manifest = json.loads((template / "manifest.json").read_text())
+    manifest["fingerprint"]["torch"] = "0.0.1"
+    (template / "manifest.json").write_bytes(dumps_manifest(manifest))
+    caplog.set_level(logging.INFO, logger="fwatchdog.template_cache")
+    original = safetensors.torch.load_file
+    with restore(template, function_dir) as stats:
+        assert safetensors.torch.load_file is original
+        _loads(function_dir)
+    assert not stats.used and stats.hits == 0
+    assert "torch: 0.0.1 -> " in (stats.rejected or "")
+    assert "template_rejected" in caplog.text
+
+
+def test_interception_is_removed_on_exit_nesting_and_errors(tmp_path: Path) -> None:
+    originals = (safetensors.torch.load_file, safetensors.safe_open, torch.load)
+    recorder = Recorder(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"), intercept_loaders(recorder):
+        with intercept_loaders(Recorder(tmp_path)):
+            assert safetensors.torch.load_file is not originals[0]
+        assert safetensors.torch.load_file is not originals[0]
+        raise RuntimeError("boom")
+    assert (safetensors.torch.load_file, safetensors.safe_open, torch.load) == originals
+    from transformers.modeling_utils import PreTrainedModel
+
+    assert isinstance(PreTrainedModel.__dict__["from_pretrained"], classmethod)
+
+
+def test_shared_memory_holder_attach_is_zero_copy(tmp_path: Path) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    expected = _loads(function_dir)
+    with hold(template, function_dir) as holder:
+        info = HandleInfo.from_json(holder.info.to_json())
+        assert info.kind == "shm" and Path(info.path or "").exists()
+        source = attach(info)
+        with restore(template, function_dir, source=source) as stats:
+            served = _loads(function_dir)
+        assert stats.hits == 3
+        for name, tensor in expected.items():
+            assert torch.equal(served[name], tensor), name
+        # The handler's view aliases the holder's pages: a write by the holder shows.
+        offset = info.offsets["0/b"]
+        with open(info.path or "", "r+b") as handle, mmap.mmap(handle.fileno(), 0) as shared:
+            shared[offset : offset + 8] = (99).to_bytes(8, "little")
+        assert int(served["file.b"][0]) == 99
+        # A write by the handler stays private (copy-on-write).
+        served["file.a"].zero_()
+        assert torch.equal(attach(info).tensor(_entry(template, "0/a")), expected["file.a"])
+    assert not Path(info.path or "").exists()
+
+
+def test_attach_refuses_another_template(tmp_path: Path) -> None:
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    other, _ = _trace(function_dir, tmp_path / "u", mutate=True)
+    with hold(other, function_dir) as holder:
+        with restore(template, function_dir, source=attach(holder.info)) as stats:
+            _loads(function_dir)
+        assert not stats.used and "another template" in (stats.rejected or "")
+
+
+def _entry(template: Path, name: str):
+    from fwatchdog.template_cache.verify import read_manifest
+
+    return read_manifest(template).tensor_map()[name]
