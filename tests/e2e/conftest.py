@@ -243,7 +243,7 @@ def start_function(
     front = front or e2e_front()
     upstream_port = free_port()
     tmpdir = tmp / "tmp"
-    tmpdir.mkdir(exist_ok=True)
+    tmpdir.mkdir(parents=True, exist_ok=True)
     full = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp),
@@ -306,3 +306,18 @@ def llm_function(
     )
     yield fn
     fn.stop()
+
+
+@pytest.fixture
+def function_factory(tmp_path: Path) -> Iterator[Callable[..., Function]]:
+    """Start functions from build contexts in a test; all are stopped at the end."""
+    started: list[Function] = []
+
+    def start(context: Path, env: Mapping[str, str]) -> Function:
+        fn = start_function(context, tmp_path / f"fn{len(started)}", env)
+        started.append(fn)
+        return fn
+
+    yield start
+    for fn in started:
+        fn.stop()
