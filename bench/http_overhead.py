@@ -75,10 +75,13 @@ def to_ms(text: str) -> float:
 
 def run_wrk(url: str, connections: int, duration: int) -> dict[str, float]:
     threads = min(connections, 2)
-    out = subprocess.run(
+    done = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency", url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"wrk failed on {url}: {done.stdout}{done.stderr}")
+    out = done.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -111,9 +114,10 @@ def main() -> int:
             "metrics_port": str(metrics_port),
             "TMPDIR": tmp,
             "exec_timeout": "10s",
+            "healthcheck_interval": "0",  # no drain wait at the end of the run
         }
-        proc = subprocess.Popen([fwatchdog], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        log = open(Path(tmp) / "fwatchdog.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([fwatchdog], env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_http(f"http://127.0.0.1:{wd_port}/_/health", 30)
             targets = {"direct": f"http://127.0.0.1:{up_port}/",
@@ -124,9 +128,13 @@ def main() -> int:
                     run_wrk(url, connections, 1)  # warm connections and caches
                     results.setdefault(f"c{connections}", {})[name] = run_wrk(
                         url, connections, args.duration)
+        except BaseException:
+            print((Path(tmp) / "fwatchdog.log").read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(30)
+            log.close()
 
     c1, c32 = results["c1"], results["c32"]
     summary = {
