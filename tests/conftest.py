@@ -332,7 +332,7 @@ async def main():
     app.router.add_get("/ws", ws)
     app.router.add_get("/orphan", orphan)
     app.router.add_get("/procstate", procstate)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, max_field_size=65536)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", int(sys.argv[1]))
     SITES.append(site)

@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry
 MAX_LINE_SIZE = 64 * 1024
 MAX_FIELD_SIZE = 64 * 1024
 MAX_HEADERS = 128
+LINGERING_TIME = 1.0
 # How long a dead function waits for a SIGTERM that may be on its way to us too.
 SIGNAL_RACE = 0.5
 
@@ -258,6 +259,10 @@ class Watchdog:
             # uses ReadTimeout as the idle timeout too); this bounds slow headers.
             keepalive_timeout=cfg.read_timeout,
             max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS,
+            # After an early answer (413, 408) the unread rest of a body is read
+            # and dropped for this long before closing; aiohttp's 10 s lets one
+            # slow client hold a connection long after its answer.
+            lingering_time=LINGERING_TIME,
         )
         for runner, port, name in ((self._metrics_runner, cfg.metrics_port, "metrics"),
                                    (self._runner, cfg.port, "http")):
