@@ -42,8 +42,9 @@ def raw(
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         data = resp.read()
-        parsed = json.loads(data) if data else None
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        is_json = headers.get("content-type", "").startswith("application/json")
+        return resp.status, headers, json.loads(data) if is_json else data
     finally:
         conn.close()
 
