@@ -48,20 +48,28 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return function_dir, template
 
 
+@pytest.fixture(scope="module")
+def ordinary(traced, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, torch.Tensor]:
+    """One ordinary start of the traced function, shared by the comparisons."""
+    out = tmp_path_factory.mktemp("ordinary")
+    result = h.run_start(traced[0], out)
+    return result, _logits(out)
+
+
 def _logits(out_dir: Path) -> torch.Tensor:
     return torch.load(out_dir / "logits.pt")
 
 
-def test_restore_is_bit_identical_to_ordinary_start(traced, tmp_path: Path) -> None:
+def test_restore_is_bit_identical_to_ordinary_start(traced, ordinary, tmp_path: Path) -> None:
     function_dir, template = traced
-    ordinary = h.run_start(function_dir, tmp_path / "ordinary")
+    ordinary_result, ordinary_logits = ordinary
     restored = h.run_start(function_dir, tmp_path / "restored", template=template)
     assert restored["stats"]["used"] and restored["stats"]["rejected"] is None
     assert restored["stats"]["hits"] == 1 and restored["stats"]["misses"] == 0
     assert restored["stats"]["tensors_served"] > 0
-    assert torch.equal(_logits(tmp_path / "ordinary"), _logits(tmp_path / "restored"))
-    assert restored["tokens"] == ordinary["tokens"]
-    assert restored["tied"] and ordinary["tied"]
+    assert torch.equal(ordinary_logits, _logits(tmp_path / "restored"))
+    assert restored["tokens"] == ordinary_result["tokens"]
+    assert restored["tied"] and ordinary_result["tied"]
     assert "template_hit loader=from_pretrained" in restored["stderr"]
 
 
@@ -89,20 +97,19 @@ def test_manifest_records_the_trace(traced) -> None:
     assert manifest["fingerprint"]["torch"] == torch.__version__
 
 
-def test_changed_weight_file_rejects_template(traced, tmp_path: Path) -> None:
+def test_changed_weight_file_rejects_template(traced, ordinary, tmp_path: Path) -> None:
     function_dir, template = traced
     copy = tmp_path / "function"
     shutil.copytree(function_dir, copy)
     shutil.rmtree(copy / "model")
     h.make_tiny_llama(copy, seed=1)  # same names and shapes, other weights
     h.run_start(copy, tmp_path / "ordinary")
-    h.run_start(function_dir, tmp_path / "old")
     restored = h.run_start(copy, tmp_path / "restored", template=template)
     assert restored["stats"]["used"] is False
     assert "model/model.safetensors" in restored["stats"]["rejected"]
     assert "template_rejected" in restored["stderr"]
     assert torch.equal(_logits(tmp_path / "ordinary"), _logits(tmp_path / "restored"))
-    assert not torch.equal(_logits(tmp_path / "restored"), _logits(tmp_path / "old"))
+    assert not torch.equal(_logits(tmp_path / "restored"), ordinary[1])  # new weights
 
 
 def test_changed_handler_rejects_template(traced, tmp_path: Path) -> None:
