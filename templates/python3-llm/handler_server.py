@@ -192,7 +192,12 @@ class HandlerServer:
         context = Context(self._config.hostname)
         started = time.monotonic()
         if inspect.iscoroutinefunction(self._handle):
-            result = await self._handle(event, context)
+            try:
+                result = await self._handle(event, context)
+            except asyncio.CancelledError:
+                context.cancelled.set()
+                LOG.info("client_disconnected path=%s phase=handle", request.path)
+                raise
         else:
             call = self._executor.submit(self._handle, event, context)
             try:

@@ -49,15 +49,17 @@ def raw(
         conn.close()
 
 
-def open_stream(fn: Any, body: dict[str, Any], events: int) -> tuple[socket.socket, bytes]:
+def open_stream(
+    fn: Any, body: dict[str, Any], events: int, accept: str = "text/event-stream"
+) -> tuple[socket.socket, bytes]:
     """Start a streamed chat completion and read until ``events`` SSE events arrived."""
     host, port = fn.url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: fn\r\n"
-        b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+        b"Content-Type: application/json\r\nAccept: %s\r\n"
+        b"Content-Length: %d\r\n\r\n" % (accept.encode(), len(payload)) + payload
     )
     got = b""
     while got.count(b"data: ") < events:
@@ -210,9 +212,18 @@ def test_prompts_beyond_the_context_are_rejected_before_generation(llm_function:
     status, _, err = raw(llm_function, "POST", CHAT, long)
     assert status == 400
     assert err["error"]["code"] == "context_length_exceeded"
+    assert err["error"]["param"] == "messages"
+    long_prompt = json.dumps({"prompt": "hello " * 9000, "max_tokens": 1}).encode()
+    status, _, err = raw(llm_function, "POST", "/v1/completions", long_prompt)
+    assert (status, err["error"]["code"], err["error"]["param"]) == (
+        400,
+        "context_length_exceeded",
+        "prompt",
+    )
     too_many = json.dumps({"messages": FRANCE, "max_tokens": 100_000}).encode()
     status, _, err = raw(llm_function, "POST", CHAT, too_many)
     assert (status, err["error"]["code"]) == (400, "context_length_exceeded")
+    assert err["error"]["param"] == "max_tokens"
 
 
 def test_the_openai_client_sees_typed_errors(client: openai.OpenAI) -> None:
@@ -252,7 +263,8 @@ def test_a_client_that_disconnects_stops_its_generation(llm_function: Any) -> No
 
 def test_a_generation_beyond_the_limit_is_refused_with_503(llm_function: Any) -> None:
     before = len(llm_function.log())
-    sock, _ = open_stream(llm_function, LONG_STORY, events=2)
+    # As the openai SDK asks: Accept: application/json, yet events arrive one by one.
+    sock, _ = open_stream(llm_function, LONG_STORY, events=2, accept="application/json")
     try:
         status, headers, err = raw(
             llm_function, "POST", CHAT, json.dumps({"messages": FRANCE}).encode()

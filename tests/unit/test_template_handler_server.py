@@ -254,6 +254,30 @@ def test_each_item_is_flushed_while_the_loop_stays_free(serve) -> None:
         sock.close()
 
 
+def test_a_stream_that_fails_midway_is_cut_not_ended_cleanly(serve) -> None:
+    closed = threading.Event()
+
+    def handle(event: Any, context: Any) -> Any:
+        if event.path == "/ok":
+            return "ok"
+
+        def failing() -> Iterator[str]:
+            try:
+                yield "partial"
+                raise RuntimeError("model crashed")
+            finally:
+                closed.set()
+
+        return failing()
+
+    server = serve(handle)
+    with pytest.raises(http.client.IncompleteRead) as caught:
+        server.request()
+    assert caught.value.partial == b"partial"
+    assert closed.wait(TIMEOUT)
+    assert server.request(path="/ok")[2] == b"ok"  # the server itself is fine
+
+
 # ------------------------------------------------------------------ disconnects
 
 

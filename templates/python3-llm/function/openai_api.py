@@ -370,6 +370,10 @@ class OpenAIServer:
         )
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
         self._eos_ids = _eos_ids(model, tokenizer)
+        # Fast tokenizers may adjust their truncation state while encoding, and the
+        # Rust side refuses concurrent mutation ("Already borrowed"): one encode at
+        # a time (encoding takes microseconds to milliseconds).
+        self._encode_lock = threading.Lock()
 
     # -- routing
 
@@ -431,39 +435,48 @@ class OpenAIServer:
         except Exception as exc:  # the model's Jinja template rejected the messages
             raise _invalid(f"The chat template rejected the messages: {exc}", "messages") from None
         # The chat template already contains any special tokens the model expects.
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return self._respond("chat", prompt_ids, params, stream, include_usage, context)
+        with self._encode_lock:
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        max_new_tokens = self._budget(len(prompt_ids), params, "messages")
+        return self._respond(
+            "chat", prompt_ids, params, max_new_tokens, stream, include_usage, context
+        )
 
     def completions(self, obj: dict[str, Any], context: Any) -> dict[str, Any]:
         parse_model(obj)
         prompt = parse_prompt(obj)
         params = parse_sampling(obj)
         stream, include_usage = parse_stream(obj)
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        with self._encode_lock:
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:
                 raise _invalid("'prompt' must not be empty for this model.", "prompt")
             prompt_ids = [bos]
-        return self._respond("completion", prompt_ids, params, stream, include_usage, context)
+        max_new_tokens = self._budget(len(prompt_ids), params, "prompt")
+        return self._respond(
+            "completion", prompt_ids, params, max_new_tokens, stream, include_usage, context
+        )
 
     # -- shared
 
-    def _budget(self, prompt_tokens: int, params: SamplingParams) -> int:
+    def _budget(self, prompt_tokens: int, params: SamplingParams, prompt_param: str) -> int:
+        """The completion's token budget, or a 400 naming what is too long."""
         room = self.max_context - prompt_tokens
         if params.max_tokens is not None and params.max_tokens > room:
             raise _invalid(
                 f"This model's maximum context length is {self.max_context} tokens. "
                 f"However, you requested {prompt_tokens + params.max_tokens} tokens "
                 f"({prompt_tokens} in the prompt, {params.max_tokens} in the completion).",
-                "max_tokens" if room > 0 else "messages",
+                "max_tokens" if room > 0 else prompt_param,
                 "context_length_exceeded",
             )
         if room < 1:
             raise _invalid(
                 f"This model's maximum context length is {self.max_context} tokens. "
                 f"However, your prompt has {prompt_tokens} tokens.",
-                "messages",
+                prompt_param,
                 "context_length_exceeded",
             )
         return params.max_tokens or min(self.config.default_max_tokens, room)
@@ -473,11 +486,11 @@ class OpenAIServer:
         kind: str,
         prompt_ids: list[int],
         params: SamplingParams,
+        max_new_tokens: int,
         stream: bool,
         include_usage: bool,
         context: Any,
     ) -> dict[str, Any]:
-        max_new_tokens = self._budget(len(prompt_ids), params)
         if not self._slots.acquire(blocking=False):
             raise APIError(
                 503,
