@@ -118,11 +118,12 @@ def _start(argv: list[str]) -> int:
             handler = import_handler(function_dir)
     ready = time.perf_counter()
     model = handler.model
+    prompt = torch.tensor(PROMPT_IDS, device=next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(torch.tensor(PROMPT_IDS)).logits
+        logits = model(prompt).logits
         first_forward = time.perf_counter()
-        tokens = model.generate(torch.tensor(PROMPT_IDS), max_new_tokens=8, do_sample=False)
-    torch.save(logits, out_dir / "logits.pt")
+        tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    torch.save(logits.cpu(), out_dir / "logits.pt")
     result = {
         "import_torch_s": imported - started,
         "startup_s": ready - imported,

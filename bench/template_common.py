@@ -1,0 +1,148 @@
+"""Shared parts of the template benchmarks: fresh-process start-ups and the tracer run.
+
+As a script it is one measured handler start-up in a fresh process:
+
+    python bench/template_common.py start FUNCTION_DIR OUT.json [--template DIR]
+        [--attach INFO.json] [--device cpu|cuda]
+
+Times are wall-clock seconds from the moment the parent spawned the process
+(`FWATCHDOG_BENCH_SPAWNED`, time.time()), so interpreter start and imports count.
+The handler must define `model` (a transformers causal LM); the first forward runs a
+fixed 16-token prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+PROMPT = list(range(1, 17))
+
+
+def measure_start(function_dir: Path, out: Path, template: Path | None = None,
+                  attach: Path | None = None, device: str = "cpu",
+                  timeout: float = 600) -> dict[str, Any]:
+    command = [sys.executable, str(HERE), "start", str(function_dir), str(out),
+               "--device", device]
+    if template is not None:
+        command += ["--template", str(template)]
+    if attach is not None:
+        command += ["--attach", str(attach)]
+    env = {**os.environ, "FWATCHDOG_BENCH_SPAWNED": repr(time.time()),
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"start-up failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def repeat_starts(label: str, repeats: int, work: Path, **kwargs: Any) -> dict[str, Any]:
+    runs = [measure_start(out=work / f"{label}-{i}.json", **kwargs) for i in range(repeats)]
+    summary: dict[str, Any] = {"runs": runs}
+    for key in ("python_start_s", "ready_s", "first_forward_done_s", "attach_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            summary[key + "_median"] = statistics.median(values)
+    return summary
+
+
+def run_tracer(function_dir: Path, template: Path, *extra: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out",
+                           str(template), *extra], capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"tracer failed:\n{done.stderr[-3000:]}")
+    manifest = json.loads((template / "manifest.json").read_text())
+    packed = sum(f["size"] for f in manifest["files"] if f["role"] == "packed")
+    referenced = sum(t["nbytes"] for t in manifest["tensors"] if t["file"] != "packed")
+    return {
+        "tracer_s": elapsed,
+        "template_dir_bytes": sum(p.stat().st_size for p in template.rglob("*") if p.is_file()),
+        "packed_bytes": packed,
+        "referenced_bytes": referenced,
+        "tensors": len(manifest["tensors"]),
+        "imports": len(manifest["trace"]["imports"]),
+        "trace_timings": manifest["trace"]["timings"],
+        "peak_memory": manifest["trace"]["peak_memory"],
+    }
+
+
+def environment() -> dict[str, Any]:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _start(argv: list[str]) -> int:
+    import argparse
+
+    spawned = float(os.environ.get("FWATCHDOG_BENCH_SPAWNED", repr(time.time())))
+    python_start = time.time() - spawned
+    parser = argparse.ArgumentParser()
+    parser.add_argument("function_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--template", type=Path)
+    parser.add_argument("--attach", type=Path)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    function_dir = args.function_dir.resolve()
+    import torch
+    from fwatchdog.tracer.function import import_handler
+
+    result: dict[str, Any] = {"python_start_s": python_start,
+                              "torch_imported_s": time.time() - spawned}
+    if args.device.startswith("cuda"):
+        torch.empty(1, device=args.device)  # the CUDA context, timed on its own
+        result["cuda_context_s"] = time.time() - spawned
+    stats = None
+    if args.template is None:
+        handler = import_handler(function_dir)
+    else:
+        from fwatchdog.template_cache.restore import restore
+
+        source = None
+        if args.attach is not None:
+            from fwatchdog.template_cache.holder import HandleInfo, attach
+
+            info = HandleInfo.from_json(args.attach.read_text())
+            before = time.perf_counter()
+            source = attach(info)
+            result["attach_s"] = time.perf_counter() - before
+        with restore(args.template.resolve(), function_dir, source=source) as stats:
+            handler = import_handler(function_dir)
+    result["ready_s"] = time.time() - spawned
+    model = handler.model
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(torch.tensor([PROMPT], device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    result["first_forward_done_s"] = time.time() - spawned
+    if stats is not None:
+        result["template"] = {"used": stats.used, "rejected": stats.rejected,
+                              "hits": stats.hits, "misses": stats.misses}
+    out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "start":
+        sys.exit(_start(sys.argv[2:]))
+    sys.exit(__doc__)
