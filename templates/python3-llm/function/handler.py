@@ -23,8 +23,8 @@ MODEL_PATH = model_cache.resolve_model_path(os.environ)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
-model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype="auto").to(DEVICE)
-model.eval()
+# device_map loads the weights straight onto the GPU, without a copy in host memory.
+model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype="auto", device_map=DEVICE)
 
 api = OpenAIServer(
     model, tokenizer, ServerConfig.from_env(os.environ, default_model_name(MODEL_PATH))
