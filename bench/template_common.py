@@ -48,8 +48,10 @@ def measure_start(function_dir: Path, out: Path, template: Path | None = None,
 def repeat_starts(label: str, repeats: int, work: Path, **kwargs: Any) -> dict[str, Any]:
     runs = [measure_start(out=work / f"{label}-{i}.json", **kwargs) for i in range(repeats)]
     summary: dict[str, Any] = {"runs": runs}
-    for key in ("python_start_s", "ready_s", "first_forward_done_s", "attach_s"):
-        values = [r[key] for r in runs if r.get(key) is not None]
+    for key in ("python_start_s", "ready_s", "first_forward_done_s", "attach_s", "check_s",
+                "served_s", "load_s"):
+        values = [r.get(key, r.get("template", {}).get(key)) for r in runs]
+        values = [v for v in values if v is not None]
         if values:
             summary[key + "_median"] = statistics.median(values)
     return summary
@@ -89,6 +91,21 @@ def environment() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+class _LoadTimer:
+    """Loader hooks that only add up the time spent in the original loaders."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def handle(self, loader: Any, original: Any, owner: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 def _start(argv: list[str]) -> int:
     import argparse
 
@@ -113,7 +130,12 @@ def _start(argv: list[str]) -> int:
         result["cuda_context_s"] = time.time() - spawned
     stats = None
     if args.template is None:
-        handler = import_handler(function_dir)
+        from fwatchdog.template_cache.intercept import intercept_loaders
+
+        timer = _LoadTimer()
+        with intercept_loaders(timer):  # times the loaders, changes nothing
+            handler = import_handler(function_dir)
+        result["load_s"] = timer.seconds
     else:
         from fwatchdog.template_cache.restore import restore
 
@@ -137,7 +159,8 @@ def _start(argv: list[str]) -> int:
     result["first_forward_done_s"] = time.time() - spawned
     if stats is not None:
         result["template"] = {"used": stats.used, "rejected": stats.rejected,
-                              "hits": stats.hits, "misses": stats.misses}
+                              "hits": stats.hits, "misses": stats.misses,
+                              "check_s": stats.check_s, "served_s": stats.served_s}
     out.write_text(json.dumps(result))
     return 0
 

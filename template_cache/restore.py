@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import logging
 import mmap
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -66,6 +67,8 @@ class RestoreStats:
     misses: int = 0
     dynamic: int = 0
     tensors_served: int = 0
+    check_s: float = 0.0  # manifest, fingerprint and file hashes
+    served_s: float = 0.0  # inside served loads (model skeleton, views)
     miss_reasons: list[str] = field(default_factory=list)
 
 
@@ -127,15 +130,18 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
             hash_files: bool = True) -> Iterator[RestoreStats]:
     template_dir = Path(template_dir)
     stats = RestoreStats(template=str(template_dir))
+    started = time.perf_counter()
     try:
         manifest = check_template(template_dir, function_dir, source, hash_files)
     except (TemplateError, OSError) as exc:
+        stats.check_s = time.perf_counter() - started
         stats.rejected = str(exc)
         LOG.warning("template_rejected template=%s reason=%r", template_dir, stats.rejected)
         yield stats
         _log_done(stats)
         return
     stats.used = True
+    stats.check_s = time.perf_counter() - started
     with ExitStack() as stack:
         if source is None:
             source = MappedFiles(manifest, template_dir, function_dir,
@@ -151,8 +157,8 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
 
 def _log_done(stats: RestoreStats) -> None:
     LOG.info("template_restore_done template=%s used=%s hits=%d misses=%d dynamic=%d"
-             " tensors=%d", stats.template, stats.used, stats.hits, stats.misses,
-             stats.dynamic, stats.tensors_served)
+             " tensors=%d check_s=%.3f served_s=%.3f", stats.template, stats.used, stats.hits,
+             stats.misses, stats.dynamic, stats.tensors_served, stats.check_s, stats.served_s)
 
 
 class _Miss(Exception):
@@ -181,6 +187,7 @@ class _Server:
             else:
                 self._miss(loader, key, reason or "not traced")
             return original(*args, **kwargs)
+        started = time.perf_counter()
         try:
             if loader is Loader.FROM_PRETRAINED:
                 result: Any = self._model(load)
@@ -191,6 +198,8 @@ class _Server:
         except _Miss as exc:
             self._miss(loader, key, str(exc))
             return original(*args, **kwargs)
+        finally:
+            self._stats.served_s += time.perf_counter() - started
         self._stats.hits += 1
         LOG.info("template_hit loader=%s key=%s tensors=%d", loader.value, key,
                  len(load["tensors"]))

@@ -61,6 +61,8 @@ class LoadRecord:
 @dataclass
 class Recorder:
     function_dir: Path
+    # False for the checksum-only start-up: it needs no byte locations or copies.
+    keep_bytes: bool = True
     loads: list[LoadRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
@@ -105,12 +107,13 @@ class Recorder:
             name = f"{len(self.loads) - 1}/{local}"
             data = tensor_bytes(tensor)
             digest = hashlib.sha256(data).hexdigest()
-            source = sources.find(local, tensor.dtype, tuple(tensor.shape), data)
+            source = (sources.find(local, tensor.dtype, tuple(tensor.shape), data)
+                      if self.keep_bytes else None)
             record.tensors.append(Captured(
                 name=name, tensor=tensor, dtype=dtype_code(tensor.dtype),
                 shape=tuple(tensor.shape), device=str(tensor.device), sha256=digest,
                 requires_grad=bool(tensor.requires_grad), source=source,
-                snapshot=None if source else bytes(data),
+                snapshot=None if source or not self.keep_bytes else bytes(data),
             ))
             by_identity[id(tensor)] = name
             record.names[local] = name

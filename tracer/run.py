@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from fwatchdog.tracer import build, function, observe
     from fwatchdog.tracer.recorder import Recorder
 
-    recorder = Recorder(function_dir)
+    recorder = Recorder(function_dir, keep_bytes=args.mode == "trace")
     started = time.perf_counter()
     with observe.LazyImportTimer() as lazy, intercept_loaders(recorder):
         handler = function.import_handler(function_dir)
