@@ -54,10 +54,71 @@ class VerifyReport:
 
 @cache
 def _validator() -> Any:
-    import jsonschema
-
+    try:
+        import jsonschema
+    except ImportError:  # a runtime image without jsonschema: check what we read
+        return _MinimalValidator()
     schema = json.loads(SCHEMA_PATH.read_text())
     return jsonschema.Draft202012Validator(schema)
+
+
+@dataclass(frozen=True)
+class _SchemaError:
+    message: str
+    absolute_path: tuple[Any, ...]
+
+
+class _MinimalValidator:
+    """The schema's rules for the fields that locate bytes, for when jsonschema is not
+    installed (the GPU runtime image). Everything this module reads is type-checked."""
+
+    FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+        "files": {"id": str, "role": str, "base": str, "path": str, "size": int,
+                  "sha256": str},
+        "tensors": {"name": str, "file": str, "offset": int, "nbytes": int, "dtype": str,
+                    "shape": list, "sha256": str, "mutated": bool},
+        "loads": {"loader": str, "key": str, "device": str, "tensors": dict,
+                  "access_order": list},
+        "skipped_loads": {"loader": str, "key": str, "reason": str},
+    }
+    ENUMS = {("files", "role"): {"packed", "source"},
+             ("files", "base"): {"template", "function", "absolute"},
+             ("tensors", "dtype"): set(DTYPE_ITEMSIZE)}
+
+    def iter_errors(self, raw: dict[str, Any]) -> Any:
+        for key in ("created_by", "fingerprint", "files", "tensors", "loads",
+                    "skipped_loads", "trace"):
+            if key not in raw:
+                yield _SchemaError(f"{key!r} is a required property", ())
+                return
+        if not isinstance(raw["fingerprint"], dict):
+            yield _SchemaError("is not of type 'object'", ("fingerprint",))
+        for section, fields in self.FIELDS.items():
+            if not isinstance(raw[section], list):
+                yield _SchemaError("is not of type 'array'", (section,))
+                continue
+            for index, item in enumerate(raw[section]):
+                if not isinstance(item, dict):
+                    yield _SchemaError("is not of type 'object'", (section, index))
+                    continue
+                for name, kind in fields.items():
+                    value = item.get(name)
+                    where = (section, index, name)
+                    if name not in item:
+                        yield _SchemaError(f"{name!r} is a required property", (section, index))
+                    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                        yield _SchemaError(f"{value!r} is not of type {kind.__name__}", where)
+                    elif kind is int and value < 0:
+                        yield _SchemaError(f"{value} is less than the minimum of 0", where)
+                    elif (section, name) in self.ENUMS and value not in self.ENUMS[
+                            (section, name)]:
+                        yield _SchemaError(f"{value!r} is not one of the allowed values", where)
+                shape = item.get("shape")
+                if section == "tensors" and isinstance(shape, list) and not all(
+                        isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                        for d in shape):
+                    yield _SchemaError(f"{shape!r} is not a list of sizes",
+                                       (section, index, "shape"))
 
 
 def read_manifest(template_dir: Path) -> Manifest:

@@ -8,7 +8,8 @@ answer and once streamed.
 
 Invariants:
 - The handler is imported as `function.handler`, exactly as python3-http does, with
-  the current directory set to the function folder's parent.
+  the current directory set to the function folder's parent and that folder first on
+  sys.path (where python3-http's index.py and a template's helpers live).
 - A handler's answer is consumed fully: iterators (streams) are drained, so the
   sample's whole path runs during the trace.
 """
@@ -107,6 +108,8 @@ def import_handler(function_dir: Path) -> ModuleType:
     if not (function_dir / "handler.py").is_file():
         raise FileNotFoundError(f"{function_dir} has no handler.py")
     os.chdir(function_dir.parent)
+    if str(function_dir.parent) not in sys.path:
+        sys.path.insert(0, str(function_dir.parent))
     spec = importlib.util.spec_from_file_location(
         HANDLER_PACKAGE, function_dir / "__init__.py",
         submodule_search_locations=[str(function_dir)],

@@ -126,3 +126,14 @@ def test_writer_refuses_wrong_sizes_and_duplicates(tmp_path: Path) -> None:
     writer.abort()
     assert not (tmp_path / "t").exists()
     assert not (tmp_path / "t.partial").exists()
+
+
+@pytest.mark.parametrize("name", sorted(make_files.HOSTILE))
+def test_verify_without_jsonschema_rejects_hostile(name: str, monkeypatch) -> None:
+    """Runtime images may lack jsonschema; the built-in checks still reject every case."""
+    from fwatchdog.template_cache import verify
+
+    monkeypatch.setattr(verify, "_validator", verify._MinimalValidator)
+    report = verify.verify_template(DATA / "hostile" / name, GOLDEN_FUNCTION)
+    assert not report.ok
+    assert verify.verify_template(GOLDEN, GOLDEN_FUNCTION).ok
