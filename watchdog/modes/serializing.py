@@ -1,0 +1,191 @@
+"""mode=serializing: one process per request, whole body in, whole stdout out.
+
+The request body is read whole (at most ``max_body_size`` bytes when that is
+set), written to the child's stdin, and stdin closed; the child's whole stdout
+becomes the response. Like of-watchdog 0.11, every answer carries
+``X-Duration-Seconds`` (``%f`` of the seconds since the request arrived).
+
+Outcomes (of-watchdog differences marked *fix* / *ours*):
+
+=================================  =================================================
+child exits 0                      200, ``Content-Type: content_type``, stdout as body
+child exits non-zero               500, body ``exit status N`` (Go's wording, as
+                                   of-watchdog; stderr goes to the log, not the client)
+fprocess cannot be started         500 with the reason
+exec_timeout reached               500 (as of-watchdog, whose context kill surfaces as
+                                   ``signal: killed``); *fix* the body names the
+                                   timeout and the whole process group is killed
+body over ``max_body_size``        *ours* 413 before any process starts
+``X-Timeout`` header               *ours* may shorten exec_timeout (as http mode)
+error bodies                       *fix* ``text/plain`` (of-watchdog labels its error
+                                   text with ``content_type``)
+=================================  =================================================
+
+Invariants:
+- No process starts before the whole body is in hand (a 413 costs no fork).
+- Every child is reaped before ``handle`` returns; its process group is killed
+  on every path except a clean exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+from fwatchdog.durations import format_duration
+from fwatchdog.modes.base import ModeContext, ModeHandler
+from fwatchdog.process import (
+    CHUNK_SIZE,
+    Child,
+    Children,
+    DisconnectWatch,
+    SpawnError,
+    UnsafeEnvironment,
+    describe_exit,
+    effective_timeout,
+    environment_for,
+    error_response,
+    log_event,
+    spawn,
+)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or :class:`_TooLarge` past ``limit`` bytes (0: no limit).
+
+    Reads the stream directly: aiohttp's ``request.read()`` has its own 1 MiB
+    cap (``client_max_size``) that of-watchdog does not have.
+    """
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise _TooLarge
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(CHUNK_SIZE)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if limit and size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+
+
+def _stamp(response: web.StreamResponse, started: float) -> web.StreamResponse:
+    response.headers["X-Duration-Seconds"] = f"{time.monotonic() - started:f}"
+    return response
+
+
+class SerializingMode(ModeHandler):
+    def __init__(self, ctx: ModeContext, *, base_env: Mapping[str, str] | None = None) -> None:
+        super().__init__(ctx)
+        # The child inherits the watchdog's environment, as in of-watchdog.
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._children = Children(ctx.children)
+
+    async def start(self) -> None:
+        argv = self.ctx.config.fprocess
+        if argv and shutil.which(argv[0], path=self._base_env.get("PATH")) is None:
+            log_event(self.ctx.log, logging.WARNING, "fprocess_not_found", command=argv[0])
+
+    async def stop(self) -> None:
+        await self._children.stop()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        config = self.ctx.config
+        timeout = effective_timeout(config.exec_timeout, request.headers.get("X-Timeout"))
+        try:
+            env = environment_for(request, self._base_env)
+            if timeout > 0:
+                body = await asyncio.wait_for(read_body(request, config.max_body_size), timeout)
+            else:
+                body = await read_body(request, config.max_body_size)
+        except UnsafeEnvironment as exc:
+            return _stamp(error_response(400, str(exc)), started)
+        except _TooLarge:
+            return _stamp(error_response(
+                413, f"request body larger than max_body_size ({config.max_body_size} bytes)"
+            ), started)
+        except asyncio.TimeoutError:
+            return _stamp(error_response(
+                500, f"exec_timeout of {format_duration(timeout)} exceeded reading the body"
+            ), started)
+        except Exception as exc:  # whatever aiohttp raises for a broken or cut body
+            return _stamp(error_response(400, f"cannot read the request body: {exc}"), started)
+
+        remaining = timeout - (time.monotonic() - started) if timeout > 0 else 0.0
+        status, payload = await self._run(request, env, body, timeout, max(remaining, 1e-3))
+        if status == 200:
+            ok = web.Response(status=200, body=payload,
+                              headers={"Content-Type": config.content_type})
+            return _stamp(ok, started)
+        return _stamp(error_response(status, payload.decode()), started)
+
+    async def _run(self, request: web.Request, env: dict[str, str], body: bytes,
+                   timeout: float, remaining: float) -> tuple[int, bytes]:
+        """Run the child over ``body``; (200, stdout) or (status, error text)."""
+        config = self.ctx.config
+        try:
+            child = await spawn(
+                config.fprocess, env, stderr_sink=self.ctx.stderr,
+                prefix_logs=config.prefix_logs, log_buffer_size=config.log_buffer_size,
+            )
+        except SpawnError as exc:
+            log_event(self.ctx.log, logging.ERROR, "function_start_failed", mode="serializing",
+                      error=str(exc))
+            return 500, str(exc).encode()
+        self._children.add(child)
+        watch = DisconnectWatch(request, child.kill)
+        error: str | None = None
+        output = b""
+        try:
+            if timeout > 0:
+                output, returncode = await asyncio.wait_for(self._exchange(child, body), remaining)
+            else:
+                output, returncode = await self._exchange(child, body)
+            if returncode != 0:
+                error = describe_exit(returncode)
+        except asyncio.TimeoutError:
+            child.kill()
+            error = f"exec_timeout of {format_duration(timeout)} exceeded, process killed"
+        finally:
+            watch.cancel()
+            if child.proc.returncode is None:
+                child.kill()
+            try:
+                await child.reap()
+            finally:
+                self._children.discard(child)
+        if watch.gone and error is None:
+            error = "client disconnected"
+        if error is not None:
+            log_event(self.ctx.log, logging.WARNING, "function_failed", mode="serializing",
+                      pid=child.pid, error=error)
+            return 500, error.encode()
+        return 200, output
+
+    @staticmethod
+    async def _exchange(child: Child, body: bytes) -> tuple[bytes, int]:
+        # Write and read at once: a child may fill its stdout pipe before it
+        # has read all of stdin.
+        feeder = asyncio.ensure_future(child.feed_bytes(body))
+        try:
+            output = await child.stdout.read()
+            returncode = await child.reap()
+        finally:
+            # Not awaited: a grandchild may hold stdin open without reading it.
+            if feeder.done():
+                if not feeder.cancelled():
+                    feeder.exception()  # retrieved: a write error only means "stopped reading"
+            else:
+                feeder.cancel()
+        return output, returncode

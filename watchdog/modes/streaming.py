@@ -1,0 +1,193 @@
+"""mode=streaming: one process per request, stdin and stdout streamed.
+
+The request body is copied to the child's stdin as it arrives (never buffered
+whole) and stdin is closed at its end; the child's stdout is the response body,
+``Content-Type: content_type``, each chunk written to the client as soon as it
+is read. The status line waits for the first byte of output, which is what lets
+a failure before any output be reported properly.
+
+Outcomes (of-watchdog 0.11 differences marked *fix* / *ours*):
+
+====================================  ==============================================
+child writes output, exits 0          200, body streamed (chunked on HTTP/1.1)
+child exits 0 with no output          200, empty body
+child fails before any output         *fix* 500 with ``exit status N`` (of-watchdog: 200)
+fprocess cannot be started            *fix* 500 with the reason (of-watchdog: 200)
+child fails after output started      *fix* response aborted: the client sees an
+                                      incomplete chunked stream (of-watchdog ends it
+                                      cleanly, hiding the failure)
+exec_timeout before any output        *fix* 500 naming the timeout (of-watchdog: 200)
+exec_timeout after output started     response aborted, as a failure
+client goes away                      child's process group killed
+``X-Timeout`` header                  *ours* may shorten exec_timeout (as http mode)
+====================================  ==============================================
+
+Invariants:
+- Every child is reaped before :meth:`StreamingMode.handle` returns, and its
+  process group is killed on every path except a clean exit.
+- ``handle`` never raises for what a client or the child does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+
+from aiohttp import web
+from fwatchdog.durations import format_duration
+from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler
+from fwatchdog.process import (
+    CHUNK_SIZE,
+    Child,
+    Children,
+    DisconnectWatch,
+    SpawnError,
+    UnsafeEnvironment,
+    describe_exit,
+    effective_timeout,
+    environment_for,
+    error_response,
+    log_event,
+    spawn,
+)
+
+
+class _Relay:
+    """One request's copy loops; keeps what ``handle`` needs after a timeout."""
+
+    def __init__(self, request: web.Request, child: Child, content_type: str) -> None:
+        self.request = request
+        self.child = child
+        self.content_type = content_type
+        self.response: web.StreamResponse | None = None  # set once the status is sent
+        self.result: web.StreamResponse | None = None
+        self.failure: str | None = None  # why a started stream was cut
+        self.body_error: BaseException | None = None
+        self.feeder: asyncio.Future[None] | None = None
+
+    async def _feed(self) -> None:
+        try:
+            await self.child.feed(self.request.content.readany)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken or truncated request body
+            self.body_error = exc
+            self.child.kill()
+
+    async def run(self) -> None:
+        self.feeder = asyncio.ensure_future(self._feed())
+        stdout = self.child.stdout
+        first = await stdout.read(CHUNK_SIZE)
+        if not first:
+            returncode = await self.child.reap()
+            if self.body_error is not None:
+                self.result = error_response(
+                    400, f"cannot read the request body: {self.body_error}")
+            elif returncode != 0:
+                self.failure = describe_exit(returncode)
+                self.result = error_response(500, self.failure)
+            else:
+                self.result = web.Response(status=200, headers={"Content-Type": self.content_type})
+            return
+        response = web.StreamResponse(status=200, headers={"Content-Type": self.content_type})
+        await response.prepare(self.request)
+        self.response = self.result = response
+        written = 0
+        chunk = first
+        while chunk:
+            await response.write(chunk)
+            written += len(chunk)
+            response[BODY_BYTES_KEY] = written  # for the access log's ContentLength
+            chunk = await stdout.read(CHUNK_SIZE)
+        returncode = await self.child.reap()
+        if self.body_error is not None:
+            self.failure = f"cannot read the request body: {self.body_error}"
+        elif returncode != 0:
+            self.failure = describe_exit(returncode)
+        if self.failure is not None:
+            return
+        await response.write_eof()
+
+
+def abort(request: web.BaseRequest) -> None:
+    """Cut the connection so the client sees a truncated response, not a complete one."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+class StreamingMode(ModeHandler):
+    def __init__(self, ctx: ModeContext, *, base_env: Mapping[str, str] | None = None) -> None:
+        super().__init__(ctx)
+        # The child inherits the watchdog's environment (of-watchdog passes
+        # os.Environ()); a snapshot, taken once, keeps the hot path allocation-light.
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._children = Children(ctx.children)
+
+    async def start(self) -> None:
+        argv = self.ctx.config.fprocess
+        # of-watchdog only finds out per request; a warning at start saves a
+        # round of 500s in the logs, without refusing to start (PATH may differ
+        # in the child's environment).
+        if argv and shutil.which(argv[0], path=self._base_env.get("PATH")) is None:
+            log_event(self.ctx.log, logging.WARNING, "fprocess_not_found", command=argv[0])
+
+    async def stop(self) -> None:
+        await self._children.stop()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        config = self.ctx.config
+        log = self.ctx.log
+        timeout = effective_timeout(config.exec_timeout, request.headers.get("X-Timeout"))
+        try:
+            env = environment_for(request, self._base_env)
+        except UnsafeEnvironment as exc:
+            return error_response(400, str(exc))
+        try:
+            child = await spawn(
+                config.fprocess, env, stderr_sink=self.ctx.stderr,
+                prefix_logs=config.prefix_logs, log_buffer_size=config.log_buffer_size,
+            )
+        except SpawnError as exc:
+            log_event(log, logging.ERROR, "function_start_failed", mode="streaming", error=str(exc))
+            return error_response(500, str(exc))
+        self._children.add(child)
+        relay = _Relay(request, child, config.content_type)
+        watch = DisconnectWatch(request, child.kill)
+        try:
+            if timeout > 0:
+                await asyncio.wait_for(relay.run(), timeout)
+            else:
+                await relay.run()
+        except asyncio.TimeoutError:
+            child.kill()
+            relay.failure = f"exec_timeout of {format_duration(timeout)} exceeded, process killed"
+            if relay.response is None:
+                relay.result = error_response(500, relay.failure)
+        except ConnectionResetError:  # the client went away mid-stream
+            child.kill()
+            relay.failure = "client disconnected"
+        finally:
+            watch.cancel()
+            if relay.feeder is not None:
+                relay.feeder.cancel()
+            if child.proc.returncode is None:
+                child.kill()  # an exceptional path (cancelled, client gone): end the group
+            try:
+                await child.reap()
+            finally:
+                self._children.discard(child)
+        if watch.gone and relay.failure is None:
+            relay.failure = "client disconnected"
+        if relay.failure is not None:
+            log_event(log, logging.WARNING, "function_failed", mode="streaming", pid=child.pid,
+                      error=relay.failure, output_started=relay.response is not None)
+        if relay.response is not None and relay.failure is not None:
+            abort(request)
+            return relay.response
+        if relay.result is None:  # the client left before anything was decided
+            return error_response(500, relay.failure or "no response")
+        return relay.result
