@@ -299,3 +299,14 @@ def test_the_cancelled_event_stops_at_the_next_token() -> None:
     cancel.set()
     assert list(it) == [] and first == "a"
     assert gen.finish_reason is None and releases == [1]
+
+
+def test_the_kv_cache_goes_to_whichever_argument_forward_takes() -> None:
+    class Recent:
+        def forward(self, input_ids: Any, cache: Any = None, use_cache: bool = True) -> None: ...
+
+    class Older:
+        def forward(self, input_ids: Any, past_key_values: Any = None, **kwargs: Any) -> None: ...
+
+    assert generation._cache_kwarg(Recent()) == "cache"
+    assert generation._cache_kwarg(Older()) == "past_key_values"

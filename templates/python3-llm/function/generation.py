@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -111,6 +112,7 @@ class Generation:
         else:
             generator.seed()
         cache = DynamicCache()
+        cache_kwarg = _cache_kwarg(model)
         generated: list[int] = []
         emitted = 0  # characters of the decoded completion already yielded
         matched_stop = False
@@ -121,7 +123,7 @@ class Generation:
                 if self._cancelled is not None and self._cancelled.is_set():
                     return
                 with torch.inference_mode():
-                    out = model(input_ids=next_input, cache=cache, use_cache=True)
+                    out = model(input_ids=next_input, use_cache=True, **{cache_kwarg: cache})
                     token = self._next_token(out.logits[0, -1], generator)
                 if token in self._eos_ids:
                     self.finish_reason = "stop"
@@ -170,6 +172,14 @@ class Generation:
                     self.completion_tokens,
                     seconds,
                 )
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward() argument that takes the KV cache: ``cache`` in recent transformers
+    releases, ``past_key_values`` before. The wrong one would be silently
+    swallowed by ``**kwargs`` and every step would forget the context."""
+    parameters = inspect.signature(getattr(model, "forward", model)).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
