@@ -229,11 +229,16 @@ class Child:
                 chunk = await read()
                 if not chunk:
                     break
+                if stdin.transport.is_closing():
+                    return  # the child closed stdin or exited: it wants no more
                 try:
                     stdin.write(chunk)
                     await stdin.drain()
-                except (BrokenPipeError, ConnectionResetError):
-                    return  # the child closed stdin or exited: it wants no more
+                except (OSError, RuntimeError):
+                    # Same meaning: asyncio raises BrokenPipeError or
+                    # ConnectionResetError, uvloop a RuntimeError ("the handler
+                    # is closed") once the pipe is gone.
+                    return
         finally:
             with contextlib.suppress(OSError, RuntimeError):
                 stdin.close()

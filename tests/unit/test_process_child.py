@@ -121,3 +121,15 @@ def test_children_stop_kills_and_forgets_every_live_child(run) -> None:  # type:
             assert child.proc.returncode == -9
 
     run(main())
+
+
+def test_feeding_after_the_child_is_gone(run) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        child = await spawn(("sh", "-c", "exec 0<&-; exit 0"), {"PATH": "/usr/bin:/bin"},
+                            stderr_sink=io.StringIO(), prefix_logs=False, log_buffer_size=100)
+        assert await asyncio.wait_for(child.reap(), 10) == 0
+        assert await child.stdout.read() == b""
+        for _ in range(3):  # whatever state the pipe is in by now, no error escapes
+            await asyncio.wait_for(child.feed_bytes(b"x" * 100_000), 10)
+
+    run(main())
