@@ -10,6 +10,7 @@ import http.client
 import json
 import re
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -158,3 +159,24 @@ def test_stderr_forwarded_with_prefix_and_huge_lines_split(watchdog_factory,
     assert re.match(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d stderr: x{4096}$", pieces[0].rstrip("\n"))
     # The watchdog is still fine afterwards.
     assert fetch(wd.url + "/").status == 200
+
+
+def test_client_disconnect_kills_the_child(watchdog_factory, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    wd = start(watchdog_factory, tmp_path, exec_timeout="0",
+               fprocess=f"sh -c 'echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; "
+                        f"exec sleep 300'")
+    with socket.create_connection(("127.0.0.1", wd.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(pidfile.exists, timeout=10, what="the child to start")
+        pid = int(pidfile.read_text())
+        assert alive(pid)
+    wait_until(lambda: not alive(pid), timeout=10, what="the child to be killed")
+    wd.wait_output("client disconnected")
+
+
+def test_child_that_never_reads_stdin(watchdog_factory, tmp_path: Path) -> None:
+    wd = start(watchdog_factory, tmp_path, fprocess="sh -c 'exec 0<&-; echo fine'")
+    reply = fetch(wd.url + "/", "POST", body=b"z" * (4 * 1024 * 1024), timeout=30)
+    assert (reply.status, reply.body) == (200, b"fine\n")
+    assert fetch(wd.url + "/", "POST", body=b"again").status == 200

@@ -165,8 +165,8 @@ class SerializingMode(ModeHandler):
                 await child.reap()
             finally:
                 self._children.discard(child)
-        if watch.gone and error is None:
-            error = "client disconnected"
+        if watch.gone:
+            error = "client disconnected"  # the cause, not the kill it led to
         if error is not None:
             log_event(self.ctx.log, logging.WARNING, "function_failed", mode="serializing",
                       pid=child.pid, error=error)

@@ -180,8 +180,8 @@ class StreamingMode(ModeHandler):
                 await child.reap()
             finally:
                 self._children.discard(child)
-        if watch.gone and relay.failure is None:
-            relay.failure = "client disconnected"
+        if watch.gone:
+            relay.failure = "client disconnected"  # the cause, not the kill it led to
         if relay.failure is not None:
             log_event(log, logging.WARNING, "function_failed", mode="streaming", pid=child.pid,
                       error=relay.failure, output_started=relay.response is not None)
