@@ -101,11 +101,13 @@ class Watchdog:
 
 
 def start_watchdog(env: Mapping[str, str], tmp_path: Path, *, cwd: Path | None = None,
-                   args: tuple[str, ...] = (), unset: tuple[str, ...] = ()) -> Watchdog:
+                   args: tuple[str, ...] = (), unset: tuple[str, ...] = (),
+                   prefix: tuple[str, ...] = ()) -> Watchdog:
     """Start the real ``fwatchdog`` on free ports, its lock file under ``tmp_path``.
 
     ``unset`` removes variables this helper would set (e.g. ``port``, to test
-    Knative's ``PORT``).
+    Knative's ``PORT``); ``prefix`` runs fwatchdog under another command (e.g.
+    ``unshare``, to make it PID 1).
     """
     tmpdir = tmp_path / "wd-tmp"
     tmpdir.mkdir(exist_ok=True)
@@ -122,7 +124,7 @@ def start_watchdog(env: Mapping[str, str], tmp_path: Path, *, cwd: Path | None =
     for name in unset:
         full.pop(name, None)
     proc = subprocess.Popen(
-        [FWATCHDOG, *args], env=full, cwd=str(cwd or tmp_path),
+        [*prefix, FWATCHDOG, *args], env=full, cwd=str(cwd or tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     serving_port = full.get("port") or full.get("PORT") or "8080"
@@ -232,7 +234,8 @@ async def hop(request):
 
 async def plain(request):
     # Written raw: aiohttp would add a Content-Type of its own.
-    request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nno type")
+    request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n"
+                            b"Connection: close\r\n\r\nno type")
     await asyncio.sleep(0.05)
     request.transport.close()
     return web.Response()
@@ -288,8 +291,10 @@ async def orphan(request):
     if pid == 0:
         gpid = os.fork()
         if gpid == 0:
-            with open(os.path.join(SIG, "orphan-pid"), "w") as f:
+            tmp = os.path.join(SIG, "orphan-pid.tmp")
+            with open(tmp, "w") as f:
                 f.write(str(os.getpid()))
+            os.rename(tmp, os.path.join(SIG, "orphan-pid"))
             while not os.path.exists(os.path.join(SIG, "orphan-go")):
                 import time; time.sleep(0.01)
             os._exit(0)

@@ -122,7 +122,7 @@ class Reaper:
         seen = {p: self._first_seen.get(p, now) for p in zombies}
         self._first_seen = seen
         reaped: list[int] = []
-        for pid, first in seen.items():
+        for pid, first in list(seen.items()):
             if now - first < self.grace:
                 continue
             try:

@@ -97,26 +97,24 @@ def test_websocket_is_proxied_both_ways_and_close_propagates(watchdog_factory, u
     wd.wait_ready()
 
     async def talk() -> tuple[str, bytes, int | None]:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(wd.url + "/ws") as ws:
-                await ws.send_str("hi")
-                text = (await ws.receive(timeout=5)).data
-                await ws.send_bytes(b"abc")
-                data = (await ws.receive(timeout=5)).data
-                await ws.send_str("close")  # the function closes with 4001
-                msg = await ws.receive(timeout=5)
-                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-                return text, data, ws.close_code
+        async with aiohttp.ClientSession() as session, session.ws_connect(wd.url + "/ws") as ws:
+            await ws.send_str("hi")
+            text = (await ws.receive(timeout=5)).data
+            await ws.send_bytes(b"abc")
+            data = (await ws.receive(timeout=5)).data
+            await ws.send_str("close")  # the function closes with 4001
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            return text, data, ws.close_code
 
     text, data, code = asyncio.run(talk())
     assert text == "echo:hi" and data == b"cba" and code == 4001
 
     async def client_closes() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(wd.url + "/ws") as ws:
-                await ws.send_str("x")
-                await ws.receive(timeout=5)
-                await ws.close(code=4002)
+        async with aiohttp.ClientSession() as session, session.ws_connect(wd.url + "/ws") as ws:
+            await ws.send_str("x")
+            await ws.receive(timeout=5)
+            await ws.close(code=4002)
 
     asyncio.run(client_closes())
     wait_until(lambda: upstream.seen("ws-closed-4002"), timeout=10,
