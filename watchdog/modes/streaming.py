@@ -62,11 +62,16 @@ class _Relay:
         self.request = request
         self.child = child
         self.content_type = content_type
-        self.response: web.StreamResponse | None = None  # set once the status is sent
+        self.response: web.StreamResponse | None = None  # the streamed answer, once chosen
         self.result: web.StreamResponse | None = None
-        self.failure: str | None = None  # why a started stream was cut
+        self.failure: str | None = None  # why the function failed, if it did
         self.body_error: BaseException | None = None
         self.feeder: asyncio.Future[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        """True once the status line may have gone out: no other answer is possible."""
+        return self.response is not None and self.response.prepared
 
     async def _feed(self) -> None:
         try:
@@ -93,8 +98,10 @@ class _Relay:
                 self.result = web.Response(status=200, headers={"Content-Type": self.content_type})
             return
         response = web.StreamResponse(status=200, headers={"Content-Type": self.content_type})
-        await response.prepare(self.request)
+        # Kept before prepare: a timeout may strike while the status line is
+        # being written, and then no second response may follow.
         self.response = self.result = response
+        await response.prepare(self.request)
         written = 0
         chunk = first
         while chunk:
@@ -165,8 +172,6 @@ class StreamingMode(ModeHandler):
         except asyncio.TimeoutError:
             child.kill()
             relay.failure = f"exec_timeout of {format_duration(timeout)} exceeded, process killed"
-            if relay.response is None:
-                relay.result = error_response(500, relay.failure)
         except ConnectionResetError:  # the client went away mid-stream
             child.kill()
             relay.failure = "client disconnected"
@@ -184,10 +189,11 @@ class StreamingMode(ModeHandler):
             relay.failure = "client disconnected"  # the cause, not the kill it led to
         if relay.failure is not None:
             log_event(log, logging.WARNING, "function_failed", mode="streaming", pid=child.pid,
-                      error=relay.failure, output_started=relay.response is not None)
-        if relay.response is not None and relay.failure is not None:
-            abort(request)
-            return relay.response
-        if relay.result is None:  # the client left before anything was decided
-            return error_response(500, relay.failure or "no response")
+                      error=relay.failure, output_started=relay.started)
+            if relay.response is not None and relay.started:
+                abort(request)
+                return relay.response
+            if relay.result is None or relay.result is relay.response:
+                return error_response(500, relay.failure)  # no status line went out
+        assert relay.result is not None  # run() always decides before returning
         return relay.result
