@@ -128,7 +128,9 @@ class SerializingMode(ModeHandler):
             ok = web.Response(status=200, body=payload,
                               headers={"Content-Type": config.content_type})
             return _stamp(ok, started)
-        return _stamp(error_response(status, payload.decode()), started)
+        # of-watchdog writes err.Error() with no newline; clients may compare it.
+        failed = web.Response(status=status, text=payload.decode(), content_type="text/plain")
+        return _stamp(failed, started)
 
     async def _run(self, request: web.Request, env: dict[str, str], body: bytes,
                    timeout: float, remaining: float) -> tuple[int, bytes]:
