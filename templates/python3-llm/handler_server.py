@@ -251,6 +251,7 @@ class HandlerServer:
         response = web.StreamResponse(status=status, headers=headers)
         pending: concurrent.futures.Future[Any] | None = None
         finished = failed = False
+        sent = 0  # items written: a disconnect right after the last one is routine
         try:
             await response.prepare(request)
             while True:
@@ -263,10 +264,11 @@ class HandlerServer:
                 if item is _END:
                     break
                 await response.write(frame(item))
+                sent += 1
             finished = True
         except (asyncio.CancelledError, ConnectionResetError):
             context.cancelled.set()
-            LOG.info("client_disconnected path=%s phase=stream", request.path)
+            LOG.info("client_disconnected path=%s phase=stream sent=%d", request.path, sent)
             raise
         except Exception:
             LOG.exception("stream_failed path=%s", request.path)
