@@ -220,6 +220,12 @@ class HandlerServer:
         )
         return web.Response(status=status, headers=headers, body=data)
 
+    def _close_soon(self, iterator: Any) -> None:
+        try:
+            self._executor.submit(_close, iterator)
+        except RuntimeError:  # the executor is shut down: the process is stopping
+            _close(iterator)
+
     @staticmethod
     def _normalise(result: Any) -> tuple[int, dict[str, str], Any]:
         if result is None:
@@ -288,10 +294,11 @@ class HandlerServer:
                 # by the time the client sees the stream end.
                 await asyncio.wrap_future(self._executor.submit(_close, iterator))
             elif pending is not None:
-                # A next() is still running in a thread; close right after it.
-                pending.add_done_callback(lambda _f: _close(iterator))
+                # A next() may still be running in a thread: close right after it (a
+                # done callback runs in that thread, or here if it never started).
+                pending.add_done_callback(lambda _f: self._close_soon(iterator))
             else:
-                self._executor.submit(_close, iterator)
+                self._close_soon(iterator)
         if not failed:
             await response.write_eof()
         return response
