@@ -14,7 +14,7 @@ from fwatchdog.process import (
     env_name_for_header,
     request_environment,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 PORTABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,6 +52,7 @@ def test_env_name_for_header(header: str, expected: str) -> None:
     assert env_name_for_header(header) == expected
 
 
+@settings(deadline=None)  # pure and fast, but the test machine is shared
 @given(st.text(min_size=1, max_size=40))
 def test_any_header_name_maps_to_a_portable_env_name(name: str) -> None:
     env_name = env_name_for_header(name)
@@ -60,11 +61,13 @@ def test_any_header_name_maps_to_a_portable_env_name(name: str) -> None:
     assert env_name_for_header(name) == env_name  # deterministic
 
 
+@settings(deadline=None)  # pure and fast, but the test machine is shared
 @given(st.text(alphabet=TCHAR, min_size=1, max_size=30))
 def test_header_names_differing_only_in_case_map_alike(name: str) -> None:
     assert env_name_for_header(name.lower()) == env_name_for_header(name.upper())
 
 
+@settings(deadline=None)  # pure and fast, but the test machine is shared
 @given(
     st.lists(
         st.tuples(st.text(alphabet=TCHAR, min_size=1, max_size=12),
