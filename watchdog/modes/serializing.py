@@ -112,9 +112,11 @@ class SerializingMode(ModeHandler):
         except UnsafeEnvironment as exc:
             return _stamp(error_response(400, str(exc)), started)
         except _TooLarge:
-            return _stamp(error_response(
-                413, f"request body larger than max_body_size ({config.max_body_size} bytes)"
-            ), started)
+            too_large = error_response(
+                413, f"request body larger than max_body_size ({config.max_body_size} bytes)")
+            # The rest of the body is unread: close rather than drain it for keep-alive.
+            too_large.force_close()
+            return _stamp(too_large, started)
         except asyncio.TimeoutError:
             return _stamp(error_response(
                 500, f"exec_timeout of {format_duration(timeout)} exceeded reading the body"
