@@ -1,7 +1,8 @@
 """The real SmolLM2-135M function: trace it, restore it in a fresh process, compare.
 
-Two start-ups: from the converted safetensors folder (weights referenced by offset),
-and straight from the GGUF file (dequantised tensors packed into the template, so a
+Two start-ups: the python3-llm template's default function loading the converted
+safetensors folder (weights referenced by offset), and a function loading straight
+from the GGUF file (dequantised tensors packed into the template, so a
 restore skips the ~30 s dequantisation). `converted_model` is the python3-llm
 template's session fixture (tests/e2e/conftest.py): the model converted once per run.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def _helpers():
 
 
 h = _helpers()
+TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "python3-llm"
 
 CHAT_HANDLER = '''\
 import json
@@ -69,8 +72,13 @@ def _gguf() -> Path:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
-def test_smollm2_restore_matches_ordinary_start(converted_model: Path, tmp_path: Path) -> None:
-    function_dir = _function(tmp_path, converted_model, {}, {"dtype": "auto"})
+def test_smollm2_restore_matches_ordinary_start(converted_model: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The python3-llm template's own default function (OpenAI chat server)."""
+    app = tmp_path / "app"
+    shutil.copytree(TEMPLATE, app, ignore=shutil.ignore_patterns("__pycache__"))
+    function_dir = app / "function"
+    monkeypatch.setenv("MODEL_PATH", str(converted_model))
     template = tmp_path / "template"
     h.trace(function_dir, template)
     manifest = json.loads((template / "manifest.json").read_text())
