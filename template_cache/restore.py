@@ -247,7 +247,7 @@ class _Server:
                 info["buffers"]):
             raise _Miss("the model skeleton's tensors differ from the traced model's")
         grads = set(load.get("requires_grad", []))
-        made: dict[str, torch.Tensor] = {}
+        made: dict[str, Any] = {}  # index name -> Parameter or buffer tensor
         for local in params:
             index_name = load["tensors"][local]
             if index_name not in made:  # tied weights: one Parameter for every name

@@ -48,7 +48,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         flat = flat.contiguous()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 def view_tensor(buffer: Any, offset: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:

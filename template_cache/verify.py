@@ -72,7 +72,7 @@ class _MinimalValidator:
     """The schema's rules for the fields that locate bytes, for when jsonschema is not
     installed (the GPU runtime image). Everything this module reads is type-checked."""
 
-    FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    FIELDS: dict[str, dict[str, type]] = {
         "files": {"id": str, "role": str, "base": str, "path": str, "size": int,
                   "sha256": str},
         "tensors": {"name": str, "file": str, "offset": int, "nbytes": int, "dtype": str,
@@ -108,7 +108,7 @@ class _MinimalValidator:
                         yield _SchemaError(f"{name!r} is a required property", (section, index))
                     elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                         yield _SchemaError(f"{value!r} is not of type {kind.__name__}", where)
-                    elif kind is int and value < 0:
+                    elif isinstance(value, int) and value < 0:
                         yield _SchemaError(f"{value} is less than the minimum of 0", where)
                     elif (section, name) in self.ENUMS and value not in self.ENUMS[
                             (section, name)]:
