@@ -9,6 +9,7 @@ token, and the concurrency slot is released exactly once.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import subprocess
 import sys
@@ -225,7 +226,7 @@ class ScriptedModel:
 
     def __call__(self, input_ids: Any, cache: Any, use_cache: bool) -> Any:
         logits = self.torch.zeros(1, input_ids.shape[1], self.vocab)
-        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 100.0
         self.calls += 1
         return types.SimpleNamespace(logits=logits)
 
@@ -310,3 +311,89 @@ def test_the_kv_cache_goes_to_whichever_argument_forward_takes() -> None:
 
     assert generation._cache_kwarg(Recent()) == "cache"
     assert generation._cache_kwarg(Older()) == "past_key_values"
+
+
+# ------------------------------------------------------------------ the server, scripted
+
+
+class FailingModel(ScriptedModel):
+    def __init__(self, torch: Any, script: list[int], vocab: int, fail_at: int) -> None:
+        super().__init__(torch, script, vocab)
+        self.fail_at = fail_at
+
+    def __call__(self, input_ids: Any, cache: Any, use_cache: bool) -> Any:
+        if self.calls == self.fail_at:
+            self.calls += 1  # fail once
+            raise RuntimeError("CUDA out of memory")
+        return super().__call__(input_ids, cache, use_cache)
+
+
+class ServerTokenizer(CharTokenizer):
+    eos_token_id = 0
+    bos_token_id = 1
+    chat_template = "{{ messages }}"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": ids("".join(ch for ch in text.lower() if ch in TABLE[1:]))}
+
+    def apply_chat_template(self, messages: list, **kwargs: Any) -> str:
+        return " ".join(m["content"] for m in messages)
+
+
+class Event:
+    def __init__(self, path: str, body: dict, method: str = "POST") -> None:
+        self.path, self.method, self.body = path, method, json.dumps(body).encode()
+        self.headers: dict = {}
+        self.query: dict = {}
+
+
+def scripted_server(model: Any, max_concurrent: int = 1) -> Any:
+    model.config = types.SimpleNamespace(max_position_embeddings=64)
+    model.generation_config = types.SimpleNamespace(eos_token_id=0)
+    config = api.ServerConfig(model_name="scripted", max_concurrent=max_concurrent)
+    return api.OpenAIServer(model, ServerTokenizer(TABLE), config)
+
+
+CONTEXT = types.SimpleNamespace(hostname="h", cancelled=threading.Event())
+
+
+def test_a_failing_model_is_a_json_500_and_frees_its_slot(caplog: pytest.LogCaptureFixture) -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(FailingModel(torch, ids("ok"), len(TABLE), fail_at=1))
+    with caplog.at_level(logging.INFO):
+        res = server.handle(Event("/v1/completions", {"prompt": "hi"}), CONTEXT)
+    assert res["statusCode"] == 500 and res["body"]["error"]["type"] == "server_error"
+    assert any("generation_failed" in r.getMessage() for r in caplog.records)
+    # The slot came back: the next request (the model works again) is served.
+    res = server.handle(Event("/v1/completions", {"prompt": "hi", "max_tokens": 1}), CONTEXT)
+    assert res["statusCode"] == 200
+
+
+def test_a_stream_that_fails_ends_with_an_in_band_error() -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(FailingModel(torch, ids("abc"), len(TABLE), fail_at=2))
+    res = server.handle(
+        Event(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
+        CONTEXT,
+    )
+    items = list(res["body"])
+    res["body"].close()
+    assert items[-2]["error"]["type"] == "server_error" and items[-1] == "[DONE]"
+    assert [i["choices"][0]["delta"].get("content") for i in items[1:-2]] == ["a", "b"]
+
+
+def test_one_slot_means_a_second_generation_is_a_503_until_the_first_ends() -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(ScriptedModel(torch, ids("abcdefgh"), len(TABLE)))
+    first = server.handle(Event("/v1/completions", {"prompt": "x", "stream": True}), CONTEXT)
+    stream = iter(first["body"])
+    next(stream)  # generating
+    busy = server.handle(Event("/v1/completions", {"prompt": "y"}), CONTEXT)
+    assert busy["statusCode"] == 503 and busy["headers"]["Retry-After"] == "1"
+    assert busy["body"]["error"]["code"] == "overloaded"
+    first["body"].close()  # the client left
+    again = server.handle(Event("/v1/completions", {"prompt": "y", "max_tokens": 2}), CONTEXT)
+    assert again["statusCode"] == 200 and again["body"]["usage"]["completion_tokens"] == 2

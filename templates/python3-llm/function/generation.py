@@ -118,6 +118,7 @@ class Generation:
         matched_stop = False
         started = time.monotonic()
         next_input = torch.tensor([self._prompt_ids], device=device)
+        error: BaseException | None = None
         try:
             while len(generated) < self._max_new_tokens:
                 if self._cancelled is not None and self._cancelled.is_set():
@@ -151,11 +152,21 @@ class Generation:
                 text = self._tokenizer.decode(generated, skip_special_tokens=True)
                 if len(text) > emitted:
                     yield text[emitted:]
+        except Exception as exc:  # the model failed (out of memory, a bad kernel)
+            error = exc
+            raise
         finally:
             # Before the log line: whoever sees the line may reuse the slot at once.
             self._on_end()
             seconds = time.monotonic() - started
-            if self.finish_reason is None:
+            if error is not None:
+                LOG.error(
+                    "generation_failed id=%s completion_tokens=%d error=%r",
+                    self._request_id,
+                    self.completion_tokens,
+                    error,
+                )
+            elif self.finish_reason is None:
                 LOG.info(
                     "generation_cancelled id=%s completion_tokens=%d seconds=%.3f",
                     self._request_id,

@@ -409,6 +409,10 @@ class OpenAIServer:
         except APIError as exc:
             LOG.info("request_rejected status=%d code=%s param=%s", exc.status, exc.code, exc.param)
             return exc.response()
+        except Exception as exc:
+            # Clients of this API parse errors as JSON, even ours.
+            LOG.exception("request_failed path=%s", event.path)
+            return APIError(500, f"The server failed: {exc!r}", type="server_error").response()
 
     def _model_card(self) -> dict[str, Any]:
         return {
@@ -602,8 +606,14 @@ class OpenAIServer:
 
         if chat:
             yield chunk("", None, first=True)
-        for piece in generation:
-            yield chunk(piece, None)
+        try:
+            for piece in generation:
+                yield chunk(piece, None)
+        except Exception as exc:
+            # Headers are sent: report in-band as OpenAI does, the client raises it.
+            yield APIError(500, f"Generation failed: {exc!r}", type="server_error").body()
+            yield "[DONE]"
+            return
         if generation.finish_reason is None:
             return  # cancelled: the client is gone
         # Release before the last bytes: a client that saw [DONE] may go again at once.
