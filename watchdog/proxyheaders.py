@@ -44,9 +44,9 @@ def _copy(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDi
     return out
 
 
-def to_upstream(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The request headers to send to the function."""
-    return _copy(headers, _NOT_UPSTREAM)
+def to_upstream(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The request headers to send to the function, in order."""
+    return list(_copy(headers, _NOT_UPSTREAM).items())
 
 
 def to_client(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

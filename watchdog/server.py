@@ -86,6 +86,7 @@ class Watchdog:
         self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
         self.signals = SignalRecorder()
+        self.access = accesslog.AccessLog(stderr, with_call_id=config.log_callid)
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._limit_text = (
@@ -167,14 +168,13 @@ class Watchdog:
         if resp is None:  # pragma: no cover - only on cancellation
             resp = _plain(500)
         self.metrics.observe(request.method, resp.status, seconds)
-        if accesslog.should_log(request.headers.get("User-Agent")):
+        headers = request.headers
+        if accesslog.should_log(headers.get("User-Agent")):
             size = resp.content_length
             if size is None:
                 size = resp.get(BODY_BYTES_KEY, -1)
-            self.log.info(accesslog.format_line(
-                request.method, request.raw_path, resp.status, resp.reason, size, seconds,
-                request.headers.get("X-Call-Id"), with_call_id=self.config.log_callid,
-            ))
+            self.access.write(request.method, request.raw_path, resp.status, resp.reason, size,
+                              seconds, headers.get("X-Call-Id"))
         return resp
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:

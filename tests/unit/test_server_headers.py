@@ -12,7 +12,7 @@ def test_hop_by_hop_and_connection_named_headers_are_dropped():
                ("Proxy-Connection", "x"), ("Trailer", "X-T"), ("X-Keep", "a"), ("X-Keep", "b"),
                ("Content-Length", "3")]
     up = to_upstream(headers)
-    assert list(up.items()) == [("Host", "fn.example"), ("X-Keep", "a"), ("X-Keep", "b"),
+    assert up == [("Host", "fn.example"), ("X-Keep", "a"), ("X-Keep", "b"),
                                 ("Content-Length", "3")]
 
 

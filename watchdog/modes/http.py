@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -54,6 +55,7 @@ from fwatchdog.logpump import pump
 from fwatchdog.logs import kv
 from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError
 from fwatchdog.proxyheaders import to_client, to_upstream, wants_stream
+from fwatchdog.upstream import Body, Pool, Response, UpstreamError
 from yarl import URL
 
 if sys.version_info >= (3, 11):
@@ -121,7 +123,11 @@ class HttpMode(ModeHandler):
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._exec_timeout = cfg.exec_timeout
-        self._timeout = aiohttp.ClientTimeout(total=cfg.exec_timeout or None)
+        # scheme://host:port, and the path prefix every request target gets.
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._prefix = parts.path.rstrip("/")
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._pool: Pool | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._pumps: list[asyncio.Task[None]] = []
@@ -153,13 +159,12 @@ class HttpMode(ModeHandler):
                                   prefix=cfg.prefix_logs, limit=cfg.log_buffer_size)),
         ]
         self._exited = loop.create_task(self._watch(proc))
+        # Idle connections are dropped after 1 s: shorter than common upstream
+        # idle timeouts (gunicorn 2 s), so a pooled one is rarely being closed.
+        self._pool = Pool(self._host, self._port, idle_timeout=1.0, tls=self._tls)
+        # WebSockets only: the upgrade handshake and frames are aiohttp's job.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0,  # the front's max_inflight is the concurrency limit
-                # Shorter than common upstream idle timeouts (gunicorn 2 s), so a
-                # pooled connection is rarely one the upstream is closing.
-                keepalive_timeout=1.0,
-            ),
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
@@ -225,6 +230,8 @@ class HttpMode(ModeHandler):
             for task in pending:
                 task.cancel()
             self._pumps = []
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -237,8 +244,8 @@ class HttpMode(ModeHandler):
 
     # -- requests ----------------------------------------------------------
 
-    def _timeout_for(self, request: web.Request) -> tuple[aiohttp.ClientTimeout, float]:
-        """exec_timeout, shortened (never lengthened, never removed) by X-Timeout."""
+    def _limit_for(self, request: web.Request) -> float:
+        """exec_timeout, shortened (never lengthened, never removed) by X-Timeout; 0 = none."""
         limit = self._exec_timeout
         header = request.headers.get("X-Timeout")
         if header:
@@ -247,63 +254,59 @@ class HttpMode(ModeHandler):
             except ValueError:
                 wanted = 0.0
             if wanted > 0 and (limit == 0 or wanted < limit):
-                return aiohttp.ClientTimeout(total=wanted), wanted
-        return self._timeout, limit
+                return wanted
+        return limit
 
-    def _url(self, request: web.Request) -> URL:
+    def _target(self, request: web.Request) -> str:
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
             raw = request.rel_url.raw_path_qs
-        return URL(self._base + raw, encoded=True)
+        return self._prefix + raw
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             return _internal(503, started, "function not started")
         headers = request.headers
         upgrade = headers.get("Upgrade", "")
         stream = wants_stream(headers.get("Accept", ""), upgrade)
         if stream and upgrade.lower() == "websocket":
-            return await self._websocket(request, session, started)
-        timeout, seconds = self._timeout_for(request)
+            return await self._websocket(request, started)
+        seconds = self._limit_for(request)
+        deadline = loop.time() + seconds if seconds else None
         out_headers = to_upstream(headers.items())
-        read_deadline = loop.time() + self.ctx.config.read_timeout
-        data: Any = None
+        data: Body = None
         if request.body_exists:
+            read_deadline = loop.time() + self.ctx.config.read_timeout
             length = request.content_length
             if self.ctx.config.buffer_http or (length is not None
                                                and length <= WHOLE_REQUEST_LIMIT):
+                # Buffered: sent with a Content-Length, never chunked (a fix).
                 try:
                     data = await self._read_whole(request, read_deadline)
                 except _BodyError as exc:
                     return self._body_error(exc, started)
-                # Buffered: always a Content-Length, never chunked (a fix).
-                out_headers["Content-Length"] = str(len(data))
             else:
                 data = self._body_chunks(request, read_deadline)
         try:
-            upstream = await session.request(
-                request.method, self._url(request), headers=out_headers, data=data,
-                timeout=timeout, allow_redirects=False,
-            )
+            async with timeout_at(deadline):
+                upstream = await pool.request(request.method, self._target(request),
+                                              out_headers, data)
         except _BodyError as exc:
             return self._body_error(exc, started)
         except asyncio.TimeoutError:
             self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                  exec_timeout=format_duration(seconds)))
             return _internal(504, started)
-        except (aiohttp.ClientError, OSError) as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _BodyError):
-                return self._body_error(cause, started)
-            self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
+        except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
+            self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
             return _internal(502 if stream else 500, started)
         try:
-            return await self._relay(request, upstream, started, stream, seconds)
+            return await self._relay(request, upstream, started, stream, seconds, deadline)
         finally:
-            upstream.release()
+            upstream.close()  # no-op once the body was read to the end
 
     async def _read_whole(self, request: web.Request, deadline: float) -> bytes:
         try:
@@ -336,21 +339,21 @@ class HttpMode(ModeHandler):
         resp.force_close()  # the rest of the body is not worth reading
         return resp
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     started: float, stream: bool, seconds: float) -> web.StreamResponse:
-        headers = to_client(upstream.headers.items())
+    async def _relay(self, request: web.Request, upstream: Response, started: float,
+                     stream: bool, seconds: float, deadline: float | None) -> web.StreamResponse:
+        headers = to_client(upstream.headers)
         headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
         length = upstream.content_length
-        no_body = request.method == "HEAD" or upstream.status in (204, 304) or (
-            100 <= upstream.status < 200)
+        no_body = request.method == "HEAD" or upstream.status in (204, 304)
         if no_body or (not stream and length is not None and length <= WHOLE_RESPONSE_LIMIT):
             try:
-                body = b"" if no_body else await upstream.read()
+                async with timeout_at(deadline):
+                    body = b"" if no_body else await upstream.read()
             except asyncio.TimeoutError:
                 self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                      exec_timeout=format_duration(seconds)))
                 return _internal(504, started)
-            except (aiohttp.ClientError, OSError) as exc:
+            except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
                 # Nothing sent yet: an honest error beats a short body.
                 self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
                 return _internal(502, started)
@@ -360,14 +363,14 @@ class HttpMode(ModeHandler):
         await out.prepare(request)
         sent = 0
         try:
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
-                sent += len(chunk)
+            async with timeout_at(deadline):
+                async for chunk in upstream.iter_chunks():
+                    await out.write(chunk)
+                    sent += len(chunk)
             await out.write_eof()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
-                pass  # the client went away; nothing to tell it
-            else:
+        except (UpstreamError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+                ValueError) as exc:
+            if not (isinstance(exc, ConnectionResetError) and request.transport is None):
                 self.ctx.log.info(kv("upstream_cut", uri=request.raw_path, sent=sent,
                                      error=repr(exc)))
             upstream.close()
@@ -379,10 +382,12 @@ class HttpMode(ModeHandler):
 
     # -- websockets --------------------------------------------------------
 
-    async def _websocket(self, request: web.Request, session: aiohttp.ClientSession,
-                         started: float) -> web.StreamResponse:
+    async def _websocket(self, request: web.Request, started: float) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        timeout, seconds = self._timeout_for(request)
+        session = self._session
+        if session is None:
+            return _internal(503, started, "function not started")
+        seconds = self._limit_for(request)
         headers = to_upstream((k, v) for k, v in request.headers.items()
                               if k.lower() not in _WS_OWN)
         protocols = tuple(p.strip() for p in
@@ -391,7 +396,8 @@ class HttpMode(ModeHandler):
         try:
             async with timeout_at(loop.time() + seconds if seconds else None):
                 upstream = await session.ws_connect(
-                    self._url(request), headers=headers, protocols=protocols,
+                    URL(self._origin + self._target(request), encoded=True),
+                    headers=headers, protocols=protocols,
                     autoclose=False, autoping=False, max_msg_size=0, compress=0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
