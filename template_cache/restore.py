@@ -10,8 +10,9 @@ Invariants:
   files hash to what the manifest says (or a holder that checked them hands out the
   bytes). Otherwise nothing is intercepted and the start-up runs the ordinary way;
   `stats.rejected` and a `template_rejected` log line say why.
-- A load whose key was not traced, or was traced as dynamic, runs the original
-  loader (a miss, counted and logged). A served load that cannot be rebuilt falls
+- A load whose key was not traced runs the original loader (a miss); one the trace
+  listed as skipped (dynamic, or not restorable) runs it too (`skipped`). Both are
+  counted and logged. A served load that cannot be rebuilt falls
   back to the original loader too.
 - Tensors come back on the device the traced loader returned them on. Unmutated ones
   are zero-copy views of shared memory (file mmaps or a holder's buffer); tensors the
@@ -38,6 +39,7 @@ import torch
 from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
 from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
+from fwatchdog.template_cache.module_state import apply_attributes
 from fwatchdog.template_cache.tensors import view_tensor
 from fwatchdog.template_cache.verify import read_manifest, structure_problems
 from fwatchdog.template_cache.writer import sha256_file
@@ -65,7 +67,7 @@ class RestoreStats:
     rejected: str | None = None
     hits: int = 0
     misses: int = 0
-    dynamic: int = 0
+    skipped: int = 0  # loads the trace listed in skipped_loads (dynamic, unservable)
     tensors_served: int = 0
     check_s: float = 0.0  # manifest, fingerprint and file hashes
     served_s: float = 0.0  # inside served loads (model skeleton, views)
@@ -156,9 +158,9 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
 
 
 def _log_done(stats: RestoreStats) -> None:
-    LOG.info("template_restore_done template=%s used=%s hits=%d misses=%d dynamic=%d"
+    LOG.info("template_restore_done template=%s used=%s hits=%d misses=%d skipped=%d"
              " tensors=%d check_s=%.3f served_s=%.3f", stats.template, stats.used, stats.hits,
-             stats.misses, stats.dynamic, stats.tensors_served, stats.check_s, stats.served_s)
+             stats.misses, stats.skipped, stats.tensors_served, stats.check_s, stats.served_s)
 
 
 class _Miss(Exception):
@@ -170,7 +172,7 @@ class _Server:
                  stats: RestoreStats) -> None:
         self._entries = manifest.tensor_map()
         self._loads = {load["key"]: load for load in manifest.raw["loads"]}
-        self._dynamic = {s["key"]: s["reason"] for s in manifest.raw["skipped_loads"]}
+        self._skipped = {s["key"]: s["reason"] for s in manifest.raw["skipped_loads"]}
         self._source = source
         self._function_dir = function_dir
         self._stats = stats
@@ -180,10 +182,10 @@ class _Server:
         key, reason = call_key(loader, owner, args, kwargs, self._function_dir)
         load = self._loads.get(key) if key else None
         if load is None:
-            if key in self._dynamic:
-                self._stats.dynamic += 1
-                LOG.info("template_dynamic loader=%s key=%s reason=%r", loader.value, key,
-                         self._dynamic[key])
+            if key in self._skipped:
+                self._stats.skipped += 1
+                LOG.info("template_skipped_load loader=%s key=%s reason=%r", loader.value, key,
+                         self._skipped[key])
             else:
                 self._miss(loader, key, reason or "not traced")
             return original(*args, **kwargs)
@@ -233,12 +235,7 @@ class _Server:
             raise _Miss("tensors on several devices")
         info = load["model"]
         try:
-            model_cls = _import(info["class"])
-            config = _import(info["config_class"]).from_dict(dict(info["config"]))
-            if info.get("attn_implementation"):
-                config._attn_implementation = info["attn_implementation"]
-            with torch.device("meta"):
-                model = model_cls(config)
+            model: Any = build_skeleton(info)
         except Exception as exc:  # noqa: BLE001 - any failure means: load the normal way
             raise _Miss(f"cannot build the model skeleton: {exc!r}") from exc
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -266,6 +263,7 @@ class _Server:
 
             model.generation_config = GenerationConfig.from_dict(dict(info["generation_config"]))
         model.train(bool(info.get("training", False)))
+        apply_attributes(model, info.get("attributes", {}))
         return model
 
 
@@ -299,6 +297,17 @@ class _ServedSafeOpen:
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._file(), attr)
+
+
+def build_skeleton(info: dict[str, Any]) -> torch.nn.Module:
+    """The traced model's class built from its recorded config, tensors on meta."""
+    model_cls = _import(info["class"])
+    config = _import(info["config_class"]).from_dict(dict(info["config"]))
+    if info.get("attn_implementation"):
+        config._attn_implementation = info["attn_implementation"]
+    with torch.device("meta"):
+        model: torch.nn.Module = model_cls(config)
+    return model
 
 
 def _import(qualified: str) -> Any:

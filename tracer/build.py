@@ -30,6 +30,9 @@ def load_checksums(recorder: Recorder) -> Checksums:
 
 
 def dynamic_reason(load: LoadRecord, other: Checksums | None) -> str | None:
+    """Why a load cannot be served from the template, or None."""
+    if load.model is not None and load.model.get("unrestorable"):
+        return "model attributes cannot be restored: " + "; ".join(load.model["unrestorable"][:5])
     if other is None:
         return None  # one start-up only (--runs 1): provenance alone decides
     theirs = other.get(load.key)

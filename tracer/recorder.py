@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 from fwatchdog.template_cache.intercept import Loader, call_key
+from fwatchdog.template_cache.module_state import attribute_diff
+from fwatchdog.template_cache.restore import build_skeleton
 from fwatchdog.template_cache.tensors import dtype_code, tensor_bytes
 
 log = logging.getLogger("fwatchdog.tracer")
@@ -149,6 +151,12 @@ class Recorder:
             "buffers": [n for n, _ in buffers],
             "training": bool(model.training),
         }
+        try:
+            settable, unrestorable = attribute_diff(model, build_skeleton(record.model))
+        except Exception as exc:  # noqa: BLE001 - then the load is simply not served
+            settable, unrestorable = {}, [f"cannot build the model skeleton: {exc!r}"]
+        record.model["attributes"] = settable
+        record.model["unrestorable"] = unrestorable
 
 
 class _RecordingSafeOpen:

@@ -82,6 +82,21 @@ def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300) -> s
     return result.stdout
 
 
+def _attributes(model: Any) -> dict[str, str]:
+    """Every module attribute besides tensors and submodules, comparable across processes."""
+    from fwatchdog.template_cache.module_state import SKIPPED, _encode
+
+    result = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr not in SKIPPED:
+                encoded = _encode(value)
+                result[f"{name}.{attr}"] = (json.dumps(encoded, sort_keys=True) if encoded
+                                            else f"{type(value).__name__}:{len(value)}"
+                                            if isinstance(value, dict) else type(value).__name__)
+    return result
+
+
 def _start(argv: list[str]) -> int:
     import argparse
     import logging
@@ -131,8 +146,9 @@ def _start(argv: list[str]) -> int:
         "tokens": tokens[0].tolist(),
         "stats": None if stats is None else {
             "used": stats.used, "rejected": stats.rejected, "hits": stats.hits,
-            "misses": stats.misses, "dynamic": stats.dynamic,
+            "misses": stats.misses, "skipped": stats.skipped,
             "tensors_served": stats.tensors_served, "miss_reasons": stats.miss_reasons},
+        "attributes": _attributes(model),
         "tied": bool(getattr(model, "lm_head", None) is not None
                      and model.lm_head.weight is model.get_input_embeddings().weight),
     }
