@@ -121,6 +121,7 @@ def _start(argv: list[str]) -> int:
     out = args.out.resolve()
     function_dir = args.function_dir.resolve()
     import torch
+
     from fwatchdog.tracer.function import import_handler
 
     result: dict[str, Any] = {"python_start_s": python_start,

@@ -16,8 +16,8 @@ same manifest and the handle only names the buffer.
   The holder process must outlive its handlers.
 
 Invariants:
-- `hold` verifies the template completely (every byte hashed) before copying, so
-  handlers that attach need not hash anything again.
+- `hold` checks the template as a restore would (structure, fingerprint, the sha256
+  of every file) before copying, so handlers that attach need not hash again.
 - The handle carries the manifest's sha256; attaching to another template's buffer
   is refused.
 - Closing the holder removes the shared memory file / frees the device buffer.
@@ -31,15 +31,16 @@ import mmap
 import os
 import pickle
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from fwatchdog.template_cache.format import ALIGNMENT, Manifest, TemplateError, TensorEntry
-from fwatchdog.template_cache.restore import MappedFiles, manifest_sha256
+from fwatchdog.template_cache.restore import MappedFiles, check_template, manifest_sha256
 from fwatchdog.template_cache.tensors import TORCH_DTYPES, view_tensor
-from fwatchdog.template_cache.verify import verify_template
 
 SHM_DIR = "/dev/shm"
 
@@ -93,11 +94,10 @@ class Holder:
         self._keep_alive = None
 
 
-def hold(template_dir: Path, function_dir: Path | None, device: str = "cpu") -> Holder:
-    report = verify_template(Path(template_dir), function_dir)
-    if not report.ok or report.manifest is None:
-        raise TemplateError("; ".join(report.problems))
-    manifest = report.manifest
+def hold(template_dir: Path, function_dir: Path, device: str = "cpu") -> Holder:
+    """Check the template as a restore would (structure, fingerprint, every file's
+    sha256), then copy its tensors into one shared buffer on `device`."""
+    manifest = check_template(Path(template_dir), Path(function_dir), None, hash_files=True)
     offsets, size = buffer_layout(manifest)
     files = MappedFiles(manifest, Path(template_dir), function_dir, "")
     digest = manifest_sha256(Path(template_dir))
@@ -135,11 +135,16 @@ def _hold_cuda(manifest: Manifest, files: MappedFiles, offsets: dict[str, int], 
     from torch.multiprocessing.reductions import reduce_tensor
 
     buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
-    for entry in manifest.tensors:
-        if entry.nbytes:
-            source = files.tensor(entry).reshape(-1).view(torch.uint8)
-            start = offsets[entry.name]
-            buffer[start : start + entry.nbytes].copy_(source)
+
+    def copy(entry: TensorEntry) -> None:
+        source = files.tensor(entry).reshape(-1).view(torch.uint8)
+        start = offsets[entry.name]
+        buffer[start : start + entry.nbytes].copy_(source)
+
+    # Several threads: page faults on the mapped files and host-to-device copies
+    # release the GIL, one reader alone is bound far below the link.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(copy, [e for e in manifest.tensors if e.nbytes]))
     torch.cuda.synchronize(buffer.device)
     rebuild, args = reduce_tensor(buffer)
     payload = base64.b64encode(pickle.dumps((rebuild, args))).decode()

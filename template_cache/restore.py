@@ -30,12 +30,14 @@ import mmap
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
 from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
 from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
@@ -121,8 +123,12 @@ def check_template(template_dir: Path, function_dir: Path | None,
         if source.verified:
             return manifest
     if hash_files:
-        for entry in manifest.files:
-            if sha256_file(entry.resolve(template_dir, function_dir)) != entry.sha256:
+        paths = [entry.resolve(template_dir, function_dir) for entry in manifest.files]
+        # hashlib and file reads release the GIL: shards hash in parallel.
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
+            digests = list(pool.map(sha256_file, paths))
+        for entry, digest in zip(manifest.files, digests, strict=True):
+            if digest != entry.sha256:
                 raise TemplateError(f"file {entry.id} ({entry.path}) changed since the trace")
     return manifest
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fwatchdog.template_cache.intercept import Loader, call_key
 from fwatchdog.template_cache.module_state import attribute_diff
 from fwatchdog.template_cache.restore import build_skeleton

@@ -114,6 +114,7 @@ def _start(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
     started = time.perf_counter()
     import torch
+
     from fwatchdog.tracer.function import import_handler
 
     imported = time.perf_counter()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fwatchdog.template_cache.format import ALIGNMENT, TemplateError, is_safe_relative
 from fwatchdog.template_cache.verify import verify_template
 from fwatchdog.template_cache.writer import TemplateWriter

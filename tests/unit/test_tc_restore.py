@@ -12,6 +12,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+
 from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import dumps_manifest
 from fwatchdog.template_cache.holder import HandleInfo, attach, hold
@@ -173,3 +174,14 @@ def _entry(template: Path, name: str):
     from fwatchdog.template_cache.verify import read_manifest
 
     return read_manifest(template).tensor_map()[name]
+
+
+def test_holder_refuses_a_changed_weight_file(tmp_path: Path) -> None:
+    from fwatchdog.template_cache.format import TemplateError
+
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    safetensors.torch.save_file({"a": torch.zeros(4, 8), "b": torch.arange(6)},
+                                function_dir / "weights.safetensors")
+    with pytest.raises(TemplateError, match="changed since the trace"):
+        hold(template, function_dir)

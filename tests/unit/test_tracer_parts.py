@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fwatchdog.template_cache.intercept import Loader, call_key, normalise_path
 from fwatchdog.tracer import function, observe
 from fwatchdog.tracer.build import dynamic_reason
