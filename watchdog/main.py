@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     import uvloop
+
     from fwatchdog import logs
     from fwatchdog.server import serve
 

@@ -25,33 +25,31 @@ HOP_BY_HOP = frozenset({
 _NOT_UPSTREAM = HOP_BY_HOP | {"expect"}
 
 
-def _named_by_connection(headers: Iterable[tuple[str, str]]) -> set[str]:
-    named: set[str] = set()
+def _filter(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+    # One pass; the headers named by Connection (rare) are removed afterwards.
+    out: list[tuple[str, str]] = []
+    named: set[str] | None = None
     for key, value in headers:
-        if key.lower() == "connection":
-            named.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return named
-
-
-def _copy(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
-    pairs = list(headers)
-    extra = _named_by_connection(pairs)
-    skip = drop | extra if extra else drop
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in pairs:
-        if key.lower() not in skip:
-            out.add(key, value)
+        low = key.lower()
+        if low in drop:
+            if low == "connection":
+                tokens = {t.strip().lower() for t in value.split(",") if t.strip()}
+                named = tokens if named is None else named | tokens
+            continue
+        out.append((key, value))
+    if named:
+        out = [(k, v) for k, v in out if k.lower() not in named]
     return out
 
 
 def to_upstream(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The request headers to send to the function, in order."""
-    return list(_copy(headers, _NOT_UPSTREAM).items())
+    return _filter(headers, _NOT_UPSTREAM)
 
 
 def to_client(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The response headers to send back to the client."""
-    return _copy(headers, HOP_BY_HOP)
+    return CIMultiDict(_filter(headers, HOP_BY_HOP))
 
 
 def wants_stream(accept: str, upgrade: str) -> bool:

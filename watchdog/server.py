@@ -40,6 +40,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+
 from fwatchdog import accesslog, reaper
 from fwatchdog.config import Config
 from fwatchdog.durations import format_duration
@@ -47,7 +49,6 @@ from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
 from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError, load_mode
-from prometheus_client import CollectorRegistry
 
 # aiohttp's defaults are 8190 bytes per line and header; of-watchdog (Go) allows
 # 1 MiB of headers in all, and large JWTs or cookies are common in front of

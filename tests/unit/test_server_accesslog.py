@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fwatchdog.accesslog import format_line, human_size, should_log, status_text
 
 

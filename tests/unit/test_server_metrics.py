@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fwatchdog.metrics import GO_DEFAULT_BUCKETS, HttpMetrics, method_label
 from prometheus_client import CollectorRegistry, generate_latest
+
+from fwatchdog.metrics import GO_DEFAULT_BUCKETS, HttpMetrics, method_label
 
 
 def test_method_label_is_lowercase_and_bounded():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from aiohttp import web
+
 from fwatchdog.config import Config, Mode
 
 # StreamResponse supports item assignment for per-response state.
