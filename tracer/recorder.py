@@ -135,6 +135,11 @@ class Recorder:
                       kwargs: dict[str, Any]) -> None:
         files = _model_files(args[0] if args else kwargs.get("pretrained_model_name_or_path"),
                              kwargs.get("gguf_file"))
+        if not any(f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for f in files):
+            # A hub id or a remote source: no files to fingerprint, so no way to tell
+            # at restore that the weights are still the same. Never served.
+            self._skip(Loader.FROM_PRETRAINED, key, "no local weight files (hub id?)")
+            return
         record = self._new_load(Loader.FROM_PRETRAINED, key, files)
         params = list(model.named_parameters(remove_duplicate=False))
         buffers = list(model.named_buffers(remove_duplicate=False))

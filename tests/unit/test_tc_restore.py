@@ -185,3 +185,16 @@ def test_holder_refuses_a_changed_weight_file(tmp_path: Path) -> None:
                                 function_dir / "weights.safetensors")
     with pytest.raises(TemplateError, match="changed since the trace"):
         hold(template, function_dir)
+
+
+def test_model_without_local_files_is_never_served(tmp_path: Path) -> None:
+    """A hub id has no files to fingerprint: the load is skipped, not packed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=32))
+    recorder = Recorder(tmp_path)
+    recorder._record_model("from_pretrained|path='org/model'", model, ("org/model",), {})
+    assert recorder.loads == []
+    assert recorder.skipped[0]["reason"] == "no local weight files (hub id?)"
