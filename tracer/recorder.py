@@ -133,8 +133,11 @@ class Recorder:
 
     def _record_model(self, key: str, model: Any, args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> None:
+        if kwargs.get("adapter_name_or_path") or kwargs.get("adapter_kwargs"):
+            self._skip(Loader.FROM_PRETRAINED, key, "adapter weights from another folder")
+            return
         files = _model_files(args[0] if args else kwargs.get("pretrained_model_name_or_path"),
-                             kwargs.get("gguf_file"))
+                             kwargs.get("gguf_file"), kwargs.get("subfolder"))
         if not any(f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for f in files):
             # A hub id or a remote source: no files to fingerprint, so no way to tell
             # at restore that the weights are still the same. Never served.
@@ -240,10 +243,13 @@ def _file_bytes_equal(path: Path, offset: int, data: memoryview) -> bool:
         return mapped[offset : offset + len(data)] == data
 
 
-def _model_files(path: Any, gguf_file: Any) -> list[Path]:
-    if not isinstance(path, str | Path) or not Path(path).is_dir():
+def _model_files(path: Any, gguf_file: Any, subfolder: Any = None) -> list[Path]:
+    """The files a local from_pretrained reads: configs and weights of its folder."""
+    if not isinstance(path, str | Path):
         return []
-    folder = Path(path)
+    folder = Path(path) / subfolder if isinstance(subfolder, str) and subfolder else Path(path)
+    if not folder.is_dir():
+        return []
     files = [p for p in sorted(folder.iterdir())
              if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.suffix != ".gguf"]
     if isinstance(gguf_file, str | Path):
