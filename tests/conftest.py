@@ -240,6 +240,13 @@ async def plain(request):
     request.transport.close()
     return web.Response()
 
+async def eof(request):
+    # HTTP/1.0 style: no length, the body ends when the connection closes.
+    request.transport.write(b"HTTP/1.0 200 OK\r\nX-Old: 1\r\n\r\nuntil the end")
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return web.Response()
+
 SITES = []
 
 DEAF = []
@@ -331,6 +338,7 @@ async def main():
     app.router.add_get("/hop", hop)
     app.router.add_get("/plain", plain)
     app.router.add_get("/unlisten", unlisten)
+    app.router.add_get("/eof", eof)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/ready", ready)
     app.router.add_get("/die", die)

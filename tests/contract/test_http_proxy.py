@@ -153,3 +153,39 @@ def test_function_output_without_prefix(watchdog_factory, upstream):
     wd.wait_output("upstream listening")
     assert not any("stdout: upstream listening" in line for line in wd.output)
     assert any(line.strip() == "upstream listening" for line in wd.output)
+
+
+def test_expect_100_continue_is_answered_by_the_front(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    import socket as _socket
+    with _socket.create_connection(("127.0.0.1", wd.port), timeout=10) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100")
+        sock.sendall(b"hello")
+        answer = b""
+        while b'"length": 5' not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"expect"' not in answer.lower()  # not forwarded: already answered
+
+
+def test_chunked_response_to_a_plain_request_is_relayed_whole(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    upstream.signal("sse-plain")
+    reply = fetch(wd.url + "/sse?release=sse-plain")
+    assert reply.status == 200
+    assert reply.body == b"data: first\n\ndata: second\n\n"
+
+
+def test_body_delimited_by_close_is_relayed(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    for _ in range(2):  # and the connection is not reused afterwards
+        reply = fetch(wd.url + "/eof")
+        assert reply.status == 200 and reply.body == b"until the end"
+        assert reply.header("X-Old") == "1"

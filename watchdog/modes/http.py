@@ -29,8 +29,12 @@ The process: if it exits, ``ctx.fatal`` is set and the server exits non-zero,
 unless the server is shutting down. :meth:`stop` forwards SIGTERM, waits, then
 kills.
 
-Invariants: one :class:`aiohttp.ClientSession` for the mode's life (connections
-to the upstream are reused); nothing decompresses or re-encodes a body; the
+Requests travel over :class:`fwatchdog.upstream.Pool`, a lean keep-alive
+HTTP/1.1 client (aiohttp's general client cost more than the function's own
+answer on loopback); WebSocket upgrades go through one aiohttp session.
+
+Invariants: one pool for the mode's life (connections to the upstream are
+reused); nothing decompresses or re-encodes a body; the
 client gets either the upstream's complete response, a watchdog error status
 marked ``X-OpenFaaS-Internal``, or a visibly cut connection, never a complete-
 looking truncated body.
