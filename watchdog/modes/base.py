@@ -25,14 +25,16 @@ import asyncio
 import importlib
 import logging
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from aiohttp import web
 
 from fwatchdog.config import Config, Mode
 
-# StreamResponse supports item assignment for per-response state.
-BODY_BYTES_KEY = "fwatchdog.body_bytes"
+# StreamResponse supports item assignment for per-response state; aiohttp 3.12+
+# wants a typed ResponseKey (a plain string warns), older versions take a string.
+BODY_BYTES_KEY: Any = (web.ResponseKey("fwatchdog.body_bytes", int)
+                       if hasattr(web, "ResponseKey") else "fwatchdog.body_bytes")
 
 
 class StartError(Exception):
