@@ -10,7 +10,7 @@ model, and records the differences; restore applies them.
 Invariants:
 - Only plain values are recorded (None, bool, int, float, str, and lists, tuples,
   sets, dicts of them), tagged with their container type so they come back as the
-  same type.
+  same type, plus the few objects with a recipe (GGUF's quantizer marker).
 - An attribute that differs and is not plain (accelerate hooks from a device map,
   any object) makes the load unservable: it is listed in `unrestorable`, and restore
   runs the ordinary loader for it.
@@ -40,8 +40,23 @@ def _encode(value: Any) -> dict[str, Any] | None:
     return None
 
 
-def _decode(encoded: dict[str, Any]) -> Any:
+def _recipe(attr: str, value: Any) -> dict[str, Any] | None:
+    """Objects that can be rebuilt from the model's config. Only GGUF's quantizer: its
+    weights are plain dequantised tensors, the object just marks the model as loaded
+    from GGUF (save_pretrained refuses it). Other quantizers change tensors and stay
+    unrestorable."""
+    if attr == "hf_quantizer" and type(value).__name__ == "GgufHfQuantizer":
+        return {"kind": "hf_quantizer", "value": "gguf"}
+    return None
+
+
+def _decode(encoded: dict[str, Any], module: torch.nn.Module) -> Any:
     kind, value = encoded["kind"], encoded["value"]
+    if kind == "hf_quantizer":
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        config: Any = module.config
+        return AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True)
     if kind == "scalar":
         return value
     return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
@@ -77,7 +92,7 @@ def attribute_diff(model: torch.nn.Module, skeleton: torch.nn.Module
         for attr, value in vars(module).items():
             if attr in SKIPPED or _same(value, theirs.get(attr, _MISSING)):
                 continue
-            encoded = _encode(value)
+            encoded = _encode(value) or _recipe(attr, value)
             if encoded is None:
                 unrestorable.append(f"{name or '<model>'}.{attr}: {type(value).__name__}")
             else:
@@ -89,4 +104,4 @@ def apply_attributes(model: torch.nn.Module, settable: dict[str, dict[str, Any]]
     for name, attributes in settable.items():
         module = model.get_submodule(name) if name else model
         for attr, encoded in attributes.items():
-            setattr(module, attr, _decode(encoded))
+            setattr(module, attr, _decode(encoded, module))

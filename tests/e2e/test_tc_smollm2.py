@@ -116,6 +116,9 @@ def test_gguf_start_up_is_packed_and_restored(tmp_path: Path) -> None:
     assert restored["tokens"] == ordinary["tokens"]
     assert torch.equal(torch.load(tmp_path / "ordinary" / "logits.pt"),
                        torch.load(tmp_path / "restored" / "logits.pt"))
+    # GGUF's quantizer marker and every other attribute came back too.
+    assert restored["attributes"] == ordinary["attributes"]
+    assert restored["attributes"][".hf_quantizer"] == "GgufHfQuantizer"
     # The dequantisation is not repeated. (Timings are noisy on shared CPUs; the
     # benchmark measures the ratio, the test only its direction.)
     assert restored["startup_s"] < ordinary["startup_s"]
