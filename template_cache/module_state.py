@@ -27,7 +27,7 @@ _MISSING = object()
 _PLAIN = (type(None), bool, int, float, str)
 
 
-def _encode(value: Any) -> dict[str, Any] | None:
+def encode(value: Any) -> dict[str, Any] | None:
     if isinstance(value, _PLAIN):
         return {"kind": "scalar", "value": value}
     if isinstance(value, list | tuple | set | frozenset) and all(
@@ -66,7 +66,7 @@ def _decode(encoded: dict[str, Any], module: torch.nn.Module) -> Any:
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    encoded_a, encoded_b = _encode(a), _encode(b)
+    encoded_a, encoded_b = encode(a), encode(b)
     if encoded_a is not None or encoded_b is not None:
         return encoded_a == encoded_b
     if type(a) is not type(b) or isinstance(a, torch.Tensor):
@@ -92,7 +92,7 @@ def attribute_diff(model: torch.nn.Module, skeleton: torch.nn.Module
         for attr, value in vars(module).items():
             if attr in SKIPPED or _same(value, theirs.get(attr, _MISSING)):
                 continue
-            encoded = _encode(value) or _recipe(attr, value)
+            encoded = encode(value) or _recipe(attr, value)
             if encoded is None:
                 unrestorable.append(f"{name or '<model>'}.{attr}: {type(value).__name__}")
             else:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from fwatchdog.template_cache.format import (
-    ALIGNMENT,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -190,4 +189,4 @@ class TemplateWriter:
         )
 
 
-__all__ = ["ALIGNMENT", "PACKED_ID", "TemplateWriter", "sha256_bytes", "sha256_file"]
+__all__ = ["PACKED_ID", "TemplateWriter", "sha256_bytes", "sha256_file"]

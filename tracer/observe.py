@@ -9,9 +9,12 @@ Invariants:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 import resource
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -119,10 +122,6 @@ class LazyImportTimer:
         self._transparent = transparent
 
     def __enter__(self) -> LazyImportTimer:
-        import importlib
-        import sys
-        import time
-
         self._original = importlib.import_module
         original = self._original
 
@@ -145,8 +144,6 @@ class LazyImportTimer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import importlib
-
         importlib.import_module = self._original
 
 

@@ -84,13 +84,13 @@ def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300) -> s
 
 def _attributes(model: Any) -> dict[str, str]:
     """Every module attribute besides tensors and submodules, comparable across processes."""
-    from fwatchdog.template_cache.module_state import SKIPPED, _encode
+    from fwatchdog.template_cache.module_state import SKIPPED, encode
 
     result = {}
     for name, module in model.named_modules():
         for attr, value in vars(module).items():
             if attr not in SKIPPED:
-                encoded = _encode(value)
+                encoded = encode(value)
                 result[f"{name}.{attr}"] = (json.dumps(encoded, sort_keys=True) if encoded
                                             else f"{type(value).__name__}:{len(value)}"
                                             if isinstance(value, dict) else type(value).__name__)
