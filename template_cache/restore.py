@@ -141,7 +141,7 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
     started = time.perf_counter()
     try:
         manifest = check_template(template_dir, function_dir, source, hash_files)
-    except (TemplateError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any doubt about the template: ordinary start
         stats.check_s = time.perf_counter() - started
         stats.rejected = str(exc)
         LOG.warning("template_rejected template=%s reason=%r", template_dir, stats.rejected)
@@ -203,8 +203,8 @@ class _Server:
                 result = _ServedSafeOpen(self, load, original, args, kwargs)
             else:
                 result = self._mapping(load)
-        except _Miss as exc:
-            self._miss(loader, key, str(exc))
+        except Exception as exc:  # noqa: BLE001 - never fail a start-up: load normally
+            self._miss(loader, key, str(exc) if isinstance(exc, _Miss) else repr(exc))
             return original(*args, **kwargs)
         finally:
             self._stats.served_s += time.perf_counter() - started

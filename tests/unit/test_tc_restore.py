@@ -198,3 +198,20 @@ def test_model_without_local_files_is_never_served(tmp_path: Path) -> None:
     recorder._record_model("from_pretrained|path='org/model'", model, ("org/model",), {})
     assert recorder.loads == []
     assert recorder.skipped[0]["reason"] == "no local weight files (hub id?)"
+
+
+def test_a_load_that_cannot_be_served_falls_back(tmp_path: Path) -> None:
+    """A manifest the schema accepts but restore cannot use never fails the start-up."""
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    manifest = json.loads((template / "manifest.json").read_text())
+    manifest["loads"][0]["container"] = "weird"
+    manifest["loads"][0]["device"] = "no-such-device"
+    (template / "manifest.json").write_bytes(dumps_manifest(manifest))
+    expected = _loads(function_dir)
+    with restore(template, function_dir) as stats:
+        served = _loads(function_dir)
+    assert stats.used and stats.misses == 1 and stats.hits == 2
+    assert "no-such-device" in stats.miss_reasons[0]
+    for name, tensor in expected.items():
+        assert torch.equal(served[name], tensor)
