@@ -131,10 +131,11 @@ def test_optional_steps_run_by_default_and_skip_when_disabled(
     assert skipped.returncode == 0 and "skipping" in skipped.stdout
 
 
-def test_the_prepare_step_is_the_seam_for_the_tracer(template_stages: dict) -> None:
+def test_the_prepare_step_converts_the_model_and_runs_the_tracer(template_stages: dict) -> None:
     args = [i["value"] for i in template_stages["prepare"] if i["instruction"] == "ARG"]
     command = next(a for a in args if a.startswith("PREPARE_COMMAND="))
-    assert "model_cache.py" in command and "import function.handler" in command
+    assert "python model_cache.py &&" in command
+    assert "python -m fwatchdog.tracer function --out " in command
 
 
 def test_every_copy_source_is_in_the_shrinkwrapped_context(default_function_context: Path) -> None:
