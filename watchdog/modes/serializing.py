@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import time
-from collections.abc import Mapping
 
 from aiohttp import web
+
 from fwatchdog.durations import format_duration
-from fwatchdog.modes.base import ModeContext, ModeHandler
+from fwatchdog.modes.forking import ForkingMode
 from fwatchdog.process import (
     CHUNK_SIZE,
     Child,
-    Children,
     DisconnectWatch,
     SpawnError,
     UnsafeEnvironment,
@@ -84,21 +81,7 @@ def _stamp(response: web.StreamResponse, started: float) -> web.StreamResponse:
     return response
 
 
-class SerializingMode(ModeHandler):
-    def __init__(self, ctx: ModeContext, *, base_env: Mapping[str, str] | None = None) -> None:
-        super().__init__(ctx)
-        # The child inherits the watchdog's environment, as in of-watchdog.
-        self._base_env = dict(os.environ if base_env is None else base_env)
-        self._children = Children(ctx.children)
-
-    async def start(self) -> None:
-        argv = self.ctx.config.fprocess
-        if argv and shutil.which(argv[0], path=self._base_env.get("PATH")) is None:
-            log_event(self.ctx.log, logging.WARNING, "fprocess_not_found", command=argv[0])
-
-    async def stop(self) -> None:
-        await self._children.stop()
-
+class SerializingMode(ForkingMode):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         config = self.ctx.config

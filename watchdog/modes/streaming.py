@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-from collections.abc import Mapping
 
 from aiohttp import web
+
 from fwatchdog.durations import format_duration
-from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler
+from fwatchdog.modes.base import BODY_BYTES_KEY
+from fwatchdog.modes.forking import ForkingMode
 from fwatchdog.process import (
     CHUNK_SIZE,
     Child,
-    Children,
     DisconnectWatch,
     SpawnError,
     UnsafeEnvironment,
@@ -126,25 +124,7 @@ def abort(request: web.BaseRequest) -> None:
         transport.close()
 
 
-class StreamingMode(ModeHandler):
-    def __init__(self, ctx: ModeContext, *, base_env: Mapping[str, str] | None = None) -> None:
-        super().__init__(ctx)
-        # The child inherits the watchdog's environment (of-watchdog passes
-        # os.Environ()); a snapshot, taken once, keeps the hot path allocation-light.
-        self._base_env = dict(os.environ if base_env is None else base_env)
-        self._children = Children(ctx.children)
-
-    async def start(self) -> None:
-        argv = self.ctx.config.fprocess
-        # of-watchdog only finds out per request; a warning at start saves a
-        # round of 500s in the logs, without refusing to start (PATH may differ
-        # in the child's environment).
-        if argv and shutil.which(argv[0], path=self._base_env.get("PATH")) is None:
-            log_event(self.ctx.log, logging.WARNING, "fprocess_not_found", command=argv[0])
-
-    async def stop(self) -> None:
-        await self._children.stop()
-
+class StreamingMode(ForkingMode):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         config = self.ctx.config
         log = self.ctx.log
