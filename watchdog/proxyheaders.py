@@ -47,8 +47,13 @@ def to_upstream(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return _filter(headers, _NOT_UPSTREAM)
 
 
+def to_client_pairs(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The response headers to send back to the client, in order."""
+    return _filter(headers, HOP_BY_HOP)
+
+
 def to_client(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The response headers to send back to the client."""
+    """:func:`to_client_pairs` as a multidict, for aiohttp's responses."""
     return CIMultiDict(_filter(headers, HOP_BY_HOP))
 
 

@@ -37,18 +37,21 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fwatchdog import accesslog, reaper
-from fwatchdog.config import Config
+from fwatchdog.config import Config, Mode
 from fwatchdog.durations import format_duration
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
 from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError, load_mode
+
+if TYPE_CHECKING:
+    from fwatchdog.modes.http_fast import FastFront
 
 # aiohttp's defaults are 8190 bytes per line and header; of-watchdog (Go) allows
 # 1 MiB of headers in all, and large JWTs or cookies are common in front of
@@ -90,10 +93,13 @@ class Watchdog:
         self.access = accesslog.AccessLog(stderr, with_call_id=config.log_callid)
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self._limit_text = (
+        self.limit_text = (
             f"Concurrent request limit exceeded. Max concurrent requests: "
             f"{config.max_inflight}\n"
         )
+        # http mode's lean front for plain requests (see fwatchdog.modes.http_fast).
+        self._fast: FastFront | None = None
+        self._fast_server: asyncio.AbstractServer | None = None
 
     # -- HTTP ----------------------------------------------------------------
 
@@ -124,6 +130,18 @@ class Watchdog:
     def limit_reached(self) -> bool:
         limit = self.config.max_inflight
         return limit > 0 and self.state.inflight >= limit
+
+    def over_limit(self) -> bool:
+        """The request just counted in ``inflight`` is one too many: answer 429."""
+        limit = self.config.max_inflight
+        return limit > 0 and self.state.inflight > limit
+
+    def record(self, method: str, uri: str, status: int, reason: str | None, size: int,
+               seconds: float, user_agent: str | None, call_id: str | None) -> None:
+        """Metrics and the access line of one finished request for the function."""
+        self.metrics.observe(method, status, seconds)
+        if accesslog.should_log(user_agent):
+            self.access.write(method, uri, status, reason, size, seconds, call_id)
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
@@ -168,20 +186,18 @@ class Watchdog:
         seconds = self.clock() - started
         if resp is None:  # pragma: no cover - only on cancellation
             resp = _plain(500)
-        self.metrics.observe(request.method, resp.status, seconds)
+        size = resp.content_length
+        if size is None:
+            size = resp.get(BODY_BYTES_KEY, -1)
         headers = request.headers
-        if accesslog.should_log(headers.get("User-Agent")):
-            size = resp.content_length
-            if size is None:
-                size = resp.get(BODY_BYTES_KEY, -1)
-            self.access.write(request.method, request.raw_path, resp.status, resp.reason, size,
-                              seconds, headers.get("X-Call-Id"))
+        self.record(request.method, request.raw_path, resp.status, resp.reason, size, seconds,
+                    headers.get("User-Agent"), headers.get("X-Call-Id"))
         return resp
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
-        if self.config.max_inflight and self.state.inflight > self.config.max_inflight:
+        if self.over_limit():
             # Never queued: of-watchdog's faas-middleware limiter answers at once.
-            resp = _plain(429, self._limit_text)
+            resp = _plain(429, self.limit_text)
             resp.headers["X-OpenFaaS-Internal"] = "faas-middleware"
             return resp
         limit = self.config.max_body_size
@@ -269,13 +285,29 @@ class Watchdog:
                                    (self._runner, cfg.port, "http")):
             await runner.setup()
             try:
-                await web.TCPSite(runner, port=port, reuse_address=True).start()
+                if runner is self._runner and cfg.mode is Mode.HTTP:
+                    await self._listen_fast(runner, port)
+                else:
+                    await web.TCPSite(runner, port=port, reuse_address=True).start()
             except OSError as exc:
                 self.log.info(kv("listen_failed", listener=name, port=port, error=exc.strerror))
                 await self._stop_everything()
                 return False
         self.log.info(kv("listening", port=cfg.port, metrics_port=cfg.metrics_port))
         return True
+
+    async def _listen_fast(self, runner: web.AppRunner, port: int) -> None:
+        """http mode: the lean front owns the port; aiohttp's server gets what it hands over."""
+        from fwatchdog.modes.http import HttpMode
+        from fwatchdog.modes.http_fast import FastFront
+
+        if not isinstance(self.mode, HttpMode) or runner.server is None:
+            await web.TCPSite(runner, port=port, reuse_address=True).start()
+            return
+        self._fast = FastFront(self, self.mode, runner.server)
+        # Like TCPSite: every interface, SO_REUSEADDR, aiohttp's backlog.
+        self._fast_server = await asyncio.get_running_loop().create_server(
+            self._fast.connection, port=port, reuse_address=True, backlog=128)
 
     async def _start_mode(self) -> int | None:
         """Start the mode; an exit code when the watchdog must not serve."""
@@ -347,9 +379,18 @@ class Watchdog:
         return 1
 
     async def _stop_listener(self) -> None:
+        fast, self._fast = self._fast, None
+        if self._fast_server is not None:
+            self._fast_server.close()  # no new connections from here on
+            self._fast_server = None
+        drains = []
+        if fast is not None:
+            drains.append(fast.shutdown(self.config.write_timeout))
         if self._runner is not None and self._runner.server is not None:
-            await self._runner.cleanup()
+            # Also drains the connections the fast front handed over.
+            drains.append(self._runner.cleanup())
             self._runner = None
+        await asyncio.gather(*drains)
 
     async def _stop_metrics(self) -> None:
         if self._metrics_runner is not None and self._metrics_runner.server is not None:

@@ -249,10 +249,17 @@ class HttpMode(ModeHandler):
 
     # -- requests ----------------------------------------------------------
 
+    @property
+    def pool(self) -> Pool | None:
+        """The keep-alive pool to the function; None until :meth:`start`."""
+        return self._pool
+
     def _limit_for(self, request: web.Request) -> float:
+        return self.limit_for(request.headers.get("X-Timeout"))
+
+    def limit_for(self, header: str | None) -> float:
         """exec_timeout, shortened (never lengthened, never removed) by X-Timeout; 0 = none."""
         limit = self._exec_timeout
-        header = request.headers.get("X-Timeout")
         if header:
             try:
                 wanted = parse_duration(header)
@@ -266,6 +273,10 @@ class HttpMode(ModeHandler):
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
             raw = request.rel_url.raw_path_qs
+        return self.target_for(raw)
+
+    def target_for(self, raw: str) -> str:
+        """The upstream request target for an origin-form client target (``/path?query``)."""
         return self._prefix + raw
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

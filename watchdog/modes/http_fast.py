@@ -1,0 +1,573 @@
+"""mode=http's lean front: plain requests proxied at the protocol level.
+
+aiohttp's web layer (router, middlewares, Request and StreamResponse objects,
+header multidicts) costs several times what a small function spends answering.
+In http mode this front owns the serving port instead. Each connection is a
+:class:`FastConnection` (an :class:`asyncio.Protocol`) that reads request heads
+itself and proxies *plain* requests through http mode's keep-alive
+:class:`~fwatchdog.upstream.Pool`, writing the function's response back as
+bytes. Anything else is handed over to the aiohttp server, which then owns the
+connection for the rest of its life, so every unusual case keeps exactly one
+implementation.
+
+A request is plain when its head is complete, at most ``MAX_FAST_HEAD`` bytes,
+``METHOD /origin-form-target HTTP/1.1`` with a common method, every header line
+a valid ``name: value`` field (no obs-fold), at most ``MAX_FAST_HEADERS`` of
+them, the path not under ``/_`` (health, readiness), no ``Transfer-Encoding``,
+``Upgrade``, ``Expect`` or repeated ``Content-Length``, no ``Accept`` asking for
+a stream (SSE, NDJSON), a body of at most ``WHOLE_REQUEST_LIMIT`` and
+``max_body_size`` bytes that has already arrived in full, and the function has
+started. Handed over, by construction, are: malformed heads (aiohttp answers
+400/431), health and readiness, WebSocket and other upgrades, 100-continue,
+chunked or large or slow request bodies (streaming to the function, 408, 413),
+streamed requests, HTTP/1.0, requests before the function is up.
+
+Per plain request the front does what the aiohttp path does, through the same
+code: ``Watchdog.over_limit`` (429), ``Watchdog.record`` (metrics, access
+log), ``HttpMode.limit_for`` (``exec_timeout``, ``X-Timeout``),
+``proxyheaders`` (hop-by-hop headers), ``Pool.request`` (keep-alive reuse and
+its replay rule). Responses with a known length up to ``WHOLE_RESPONSE_LIMIT``
+are read whole and written at once (502 if the function breaks off mid-body);
+others (chunked, larger, until-EOF) are relayed piece by piece as they arrive,
+chunked towards the client when the length is unknown, and a failure then cuts
+the connection so the client sees the truncation.
+
+Connection states::
+
+        connection_made
+              |
+              v          complete plain head + body        +--------+
+    +-----> IDLE ------------------------------------------> |  BUSY  |
+    |         |  \\                                           +--------+
+    |         |   \\ anything else (see above)                  |
+    |         |    +-------------------------> HANDED          | response written,
+    |         |       (transport and buffered bytes go to      | keep-alive, not
+    |         |        aiohttp's RequestHandler)                | shutting down
+    |         |                                                 |
+    +---------|-------------------------------------------------+
+              | idle > read_timeout, EOF, Connection: close, shutdown, cut
+              v
+           CLOSED
+
+Invariants: one request at a time per connection, so pipelined responses leave
+in request order (bytes that arrive while BUSY wait in the buffer, and reading
+pauses when it grows); the head of a request is parsed only in IDLE, so a
+handover always starts at a request boundary with every unread byte; the front
+never answers for ``/_/*`` paths; an idle connection (no request, or half a
+head) is closed ``read_timeout`` after it became idle, as aiohttp's keep-alive
+timeout does; one timer per connection, re-armed only when it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+
+from fwatchdog.durations import format_duration
+from fwatchdog.logs import kv
+from fwatchdog.modes.http import WHOLE_REQUEST_LIMIT, WHOLE_RESPONSE_LIMIT, HttpMode
+from fwatchdog.proxyheaders import to_client_pairs, to_upstream
+from fwatchdog.upstream import Response, UpstreamError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout_at
+else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
+    from async_timeout import timeout_at
+
+if TYPE_CHECKING:
+    from fwatchdog.server import Watchdog
+
+# Heads larger than this go to aiohttp, whose limits (64 KiB lines) then apply.
+MAX_FAST_HEAD = 8190
+MAX_FAST_HEADERS = 100
+# Pipelined bytes buffered while a request is served before reading pauses.
+PAUSE_READING_AT = 1 << 20
+INTERNAL = "X-OpenFaaS-Internal"
+FAST_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_TARGET = re.compile(r"/[!-~]*")  # origin-form, printable ASCII only
+_FIELD = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+# Headers that make a request not plain (lower case).
+_NOT_PLAIN = frozenset({"transfer-encoding", "upgrade", "expect"})
+_STREAM_ACCEPT = ("text/event-stream", "application/x-ndjson")
+_RELAY_ERRORS = (UpstreamError, OSError, asyncio.IncompleteReadError)
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    HANDED = "handed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class PlainRequest:
+    """A request head the front serves itself; strings decode bytes with surrogateescape."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    content_length: int
+    keep_alive: bool
+    user_agent: str | None
+    call_id: str | None
+    x_timeout: str | None
+
+
+def parse_head(head: bytes, body_limit: int) -> PlainRequest | None:
+    """The plain request in ``head`` (without its final CRLF CRLF), or None to hand over.
+
+    None is never an error: it means "not plain", and aiohttp's parser decides.
+    """
+    if len(head) > MAX_FAST_HEAD:
+        return None
+    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in FAST_METHODS:
+        return None
+    method, target = parts[0], parts[1]
+    if target.startswith("/_") or _TARGET.fullmatch(target) is None:
+        return None
+    if len(lines) - 1 > MAX_FAST_HEADERS:
+        return None
+    headers: list[tuple[str, str]] = []
+    length: int | None = None
+    keep_alive = True
+    user_agent = call_id = x_timeout = None
+    for line in lines[1:]:
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            return None
+        name, value = match.groups()
+        low = name.lower()
+        if low == "content-length":
+            if length is not None or not value.isdigit() or not value.isascii():
+                return None
+            length = int(value)
+            if length > body_limit:
+                return None
+        elif low in _NOT_PLAIN:
+            return None
+        elif low == "connection":
+            if "close" in value.lower():
+                keep_alive = False
+        elif low == "accept":
+            low_value = value.lower()
+            if any(kind in low_value for kind in _STREAM_ACCEPT):
+                return None
+        elif low == "user-agent":
+            user_agent = value
+        elif low == "x-call-id":
+            call_id = value
+        elif low == "x-timeout":
+            x_timeout = value
+        headers.append((name, value))
+    return PlainRequest(method, target, headers, length or 0, keep_alive, user_agent, call_id,
+                        x_timeout)
+
+
+class _Clock:
+    """The ``Date`` header value, rendered once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        return self._value
+
+
+def _phrase(status: int, reason: str) -> str:
+    if reason:
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class FastFront:
+    """The protocol factory for the serving port, and what its connections share."""
+
+    def __init__(self, watchdog: Watchdog, mode: HttpMode, fallback: web.Server) -> None:
+        self.wd = watchdog
+        self.mode = mode
+        self.fallback = fallback
+        self.loop = asyncio.get_running_loop()
+        self.clock = _Clock()
+        self.connections: set[FastConnection] = set()
+        self.closing = False
+        self._gone: asyncio.Event | None = None
+        cfg = watchdog.config
+        self.idle_timeout = cfg.read_timeout
+        self.body_limit = min(WHOLE_REQUEST_LIMIT, cfg.max_body_size or WHOLE_REQUEST_LIMIT)
+
+    def connection(self) -> FastConnection:
+        return FastConnection(self)
+
+    def forget(self, conn: FastConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._gone is not None:
+            self._gone.set()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain: idle connections close now, busy ones after their response, or at ``timeout``."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.state is ConnState.IDLE:
+                conn.close()
+        if not self.connections:
+            return
+        self._gone = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._gone.wait(), timeout)
+        for conn in list(self.connections):  # write_timeout is up: cut what is left
+            conn.abort()
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection; see the module docstring for its states."""
+
+    def __init__(self, front: FastFront) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.transport: asyncio.Transport | None = None
+        self.state = ConnState.IDLE
+        self.buf = bytearray()
+        self.idle_since = 0.0
+        self.eof = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- transport callbacks ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small responses must leave at once, not wait for the client's ACK.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.front.connections.add(self)
+        self._become_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is ConnState.CLOSED:
+            return
+        self.buf += data
+        if self.state is ConnState.IDLE:
+            self._advance()
+        elif len(self.buf) > PAUSE_READING_AT and not self._reading_paused:
+            assert self.transport is not None
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        # While busy, keep the half-open connection so the answer can still go out.
+        return self.state is ConnState.BUSY
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not ConnState.HANDED:
+            self.state = ConnState.CLOSED
+        self._cancel_timer()
+        self._wake_writer()
+        self.front.forget(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    # -- states -------------------------------------------------------------
+
+    def close(self) -> None:
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.close()
+
+    def _become_idle(self) -> None:
+        self.state = ConnState.IDLE
+        self.idle_since = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.idle_since + self.front.idle_timeout,
+                                            self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self.state is not ConnState.IDLE:
+            return  # re-armed when the connection is idle again
+        due = self.idle_since + self.front.idle_timeout
+        if self.loop.time() >= due:
+            self.close()
+        else:
+            self._timer = self.loop.call_at(due, self._check_idle)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _advance(self) -> None:
+        """IDLE: serve the next request in the buffer, hand over, close, or wait."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_FAST_HEAD:
+                self._hand_over()
+            elif self.eof:
+                self.close()
+            return
+        front = self.front
+        req = parse_head(bytes(buf[:end]), front.body_limit)
+        if req is None or not front.wd.state.serving.is_set():
+            self._hand_over()
+            return
+        start = end + 4
+        stop = start + req.content_length
+        if len(buf) < stop:
+            # A body still on its way: aiohttp reads it under read_timeout (408).
+            self._hand_over()
+            return
+        body = bytes(buf[start:stop]) if req.content_length else None
+        del buf[:stop]
+        self.state = ConnState.BUSY
+        self._task = self.loop.create_task(self._serve(req, body))
+
+    def _hand_over(self) -> None:
+        """aiohttp's server takes the connection, from the current request on."""
+        transport = self.transport
+        assert transport is not None
+        self.state = ConnState.HANDED
+        self._cancel_timer()
+        self.front.forget(self)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        handler = self.front.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            handler.data_received(data)
+        if self.eof:
+            handler.eof_received()
+
+    def _finish(self, keep_alive: bool) -> None:
+        self._task = None
+        transport = self.transport
+        assert transport is not None
+        if self.state is not ConnState.BUSY or transport.is_closing():
+            self.state = ConnState.CLOSED
+            return
+        if not keep_alive or self.front.closing:
+            self.close()
+            return
+        self._become_idle()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self.buf or self.eof:
+            self._advance()
+
+    # -- writing ------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def _drain(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if self._writing_paused:
+            self._drained = self.loop.create_future()
+            await self._drained
+
+    def _wake_writer(self) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _plain(self, status: int, text: str, headers: list[tuple[str, str]],
+               keep_alive: bool) -> tuple[int, str, int]:
+        body = text.encode()
+        lines = [f"HTTP/1.1 {status} {_phrase(status, '')}\r\n"]
+        if body:
+            lines.append("Content-Type: text/plain; charset=utf-8\r\n")
+        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+        lines.append(f"Content-Length: {len(body)}\r\nDate: {self.front.clock.date()}\r\n")
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        self._write("".join(lines).encode() + body)
+        return status, _phrase(status, ""), len(body)
+
+    def _internal(self, status: int, started: float, keep_alive: bool) -> tuple[int, str, int]:
+        return self._plain(status, "", [("X-Duration-Seconds",
+                                         f"{time.perf_counter() - started:f}"),
+                                        (INTERNAL, "of-watchdog")], keep_alive)
+
+    def _head(self, upstream: Response, duration: str, length: int | None, chunked: bool,
+              keep_alive: bool) -> bytes:
+        """The response head: the function's headers less hop-by-hop ones, plus ours."""
+        reason = _phrase(upstream.status, upstream.reason)
+        lines = [f"HTTP/1.1 {upstream.status} {reason}\r\n"]
+        has_date = False
+        for key, value in to_client_pairs(upstream.headers):
+            low = key.lower()
+            if low == "content-length":
+                continue  # written below from what is actually sent
+            if low == "date":
+                has_date = True
+            lines.append(f"{key}: {value}\r\n")
+        lines.append(f"X-Duration-Seconds: {duration}\r\n")
+        if not has_date:
+            lines.append(f"Date: {self.front.clock.date()}\r\n")
+        if length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    # -- one request --------------------------------------------------------
+
+    async def _serve(self, req: PlainRequest, body: bytes | None) -> None:
+        wd = self.front.wd
+        started = wd.clock()
+        state = wd.state
+        keep_alive = req.keep_alive
+        state.inflight += 1
+        wd.metrics.in_flight.inc()
+        try:
+            if wd.over_limit():
+                # Never queued: of-watchdog's faas-middleware limiter answers at once.
+                status, reason, size = self._plain(429, wd.limit_text,
+                                                   [(INTERNAL, "faas-middleware")], keep_alive)
+            else:
+                status, reason, size, keep_alive = await self._relay(req, body)
+        except Exception as exc:  # a bug here must answer, not leave the client hanging
+            wd.log.info(kv("handler_error", uri=req.target, error=repr(exc)))
+            status, reason, size = 500, "Internal Server Error", -1
+            if self.transport is not None:
+                self.transport.close()
+            keep_alive = False
+        finally:
+            state.inflight -= 1
+            wd.metrics.in_flight.dec()
+        wd.record(req.method, req.target, status, reason, size, wd.clock() - started,
+                  req.user_agent, req.call_id)
+        self._finish(keep_alive)
+
+    async def _relay(self, req: PlainRequest,
+                     body: bytes | None) -> tuple[int, str, int, bool]:
+        """Proxy one request; (status, reason, body bytes, keep-alive) for the record."""
+        mode = self.front.mode
+        log = self.front.wd.log
+        keep = req.keep_alive
+        started = time.perf_counter()
+        pool = mode.pool
+        if pool is None:  # pragma: no cover - the front serves only once started
+            return (*self._plain(503, "function not started", [], keep), keep)
+        seconds = mode.limit_for(req.x_timeout)
+        deadline = self.loop.time() + seconds if seconds else None
+        try:
+            async with timeout_at(deadline):
+                upstream = await pool.request(req.method, mode.target_for(req.target),
+                                              to_upstream(req.headers), body)
+                duration = f"{time.perf_counter() - started:f}"
+                status = upstream.status
+                length = upstream.content_length
+                no_body = req.method == "HEAD" or status in (204, 304) or status < 200
+                if no_body or (length is not None and length <= WHOLE_RESPONSE_LIMIT):
+                    try:
+                        data = b"" if no_body else await upstream.read()
+                    except _RELAY_ERRORS as exc:
+                        # Nothing sent yet: an honest error beats a short body.
+                        log.info(kv("upstream_error", uri=req.target, error=repr(exc)))
+                        upstream.close()
+                        return (*self._internal(502, started, keep), keep)
+                    return (*self._whole(upstream, duration, data, no_body, keep), keep)
+        except asyncio.TimeoutError:
+            log.info(kv("upstream_timeout", uri=req.target, exec_timeout=format_duration(seconds)))
+            return (*self._internal(504, started, keep), keep)
+        except _RELAY_ERRORS as exc:
+            log.info(kv("upstream_error", uri=req.target, error=str(exc)))
+            return (*self._internal(500, started, keep), keep)
+        try:
+            return await self._stream(req, upstream, duration, deadline)
+        finally:
+            upstream.close()  # no-op once the body was read to the end
+
+    def _whole(self, upstream: Response, duration: str, data: bytes, no_body: bool,
+               keep_alive: bool) -> tuple[int, str, int]:
+        status = upstream.status
+        if no_body:
+            # HEAD and 304 keep the length the function announced; 1xx and 204 have none.
+            length = upstream.content_length if status not in (204,) and status >= 200 else None
+            self._write(self._head(upstream, duration, length, False, keep_alive))
+            size = length or 0
+        else:
+            head = self._head(upstream, duration, len(data), False, keep_alive)
+            self._write(head + data if len(data) < 65536 else head)
+            if len(data) >= 65536:
+                self._write(data)
+            size = len(data)
+        return status, _phrase(status, upstream.reason), size
+
+    async def _stream(self, req: PlainRequest, upstream: Response, duration: str,
+                      deadline: float | None) -> tuple[int, str, int, bool]:
+        """Relay the body as it arrives; a failure cuts the connection (headers are out)."""
+        length = upstream.content_length
+        chunked = length is None
+        keep = req.keep_alive
+        self._write(self._head(upstream, duration, length, chunked, keep))
+        sent = 0
+        try:
+            async with timeout_at(deadline):
+                async for piece in upstream.iter_chunks():
+                    await self._drain()
+                    self._write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                    sent += len(piece)
+            if chunked:
+                self._write(b"0\r\n\r\n")
+        except (*_RELAY_ERRORS, asyncio.TimeoutError, ValueError) as exc:
+            client_gone = self.transport is None or self.transport.is_closing()
+            if not (isinstance(exc, ConnectionResetError) and client_gone):
+                self.front.wd.log.info(kv("upstream_cut", uri=req.target, sent=sent,
+                                          error=repr(exc)))
+            upstream.close()
+            if self.transport is not None:
+                self.transport.close()
+            keep = False
+        size = length if length is not None else sent
+        return upstream.status, _phrase(upstream.status, upstream.reason), size, keep
