@@ -264,6 +264,41 @@ async def deafness(request, handler):
         raise ConnectionResetError("deaf")
     return await handler(request)
 
+async def peer(request):
+    # The watchdog's end of this upstream connection: equal ports mean a reused one.
+    return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+def pattern(n):
+    return (b"0123456789abcdef" * (n // 16 + 1))[:n]
+
+async def big(request):
+    n = int(request.query["n"])
+    if request.query.get("chunked"):
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        data = pattern(n)
+        for i in range(0, n, 100000):
+            await resp.write(data[i:i + 100000])
+        await resp.write_eof()
+        return resp
+    return web.Response(body=pattern(n))
+
+DOOMED = set()
+
+async def doom(request):
+    # Answer, keep the connection open, and drop it without answering when the
+    # next request arrives on it: an upstream closing an idle keep-alive connection.
+    DOOMED.add(request.transport)
+    return web.Response(text="doomed")
+
+@web.middleware
+async def doomed(request, handler):
+    if request.transport in DOOMED:
+        mark("doomed-dropped-" + request.method)
+        request.transport.close()
+        raise ConnectionResetError("doomed")
+    return await handler(request)
+
 async def status(request):
     return web.Response(status=int(request.match_info["code"]), text="status")
 
@@ -326,7 +361,7 @@ async def main():
     if code:
         print("upstream giving up", flush=True)
         sys.exit(int(code))
-    app = web.Application(client_max_size=1 << 30, middlewares=[deafness])
+    app = web.Application(client_max_size=1 << 30, middlewares=[deafness, doomed])
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/hold", hold)
@@ -345,6 +380,9 @@ async def main():
     app.router.add_get("/ws", ws)
     app.router.add_get("/orphan", orphan)
     app.router.add_get("/procstate", procstate)
+    app.router.add_get("/peer", peer)
+    app.router.add_get("/big", big)
+    app.router.add_get("/doom", doom)
     runner = web.AppRunner(app, access_log=None, max_field_size=65536)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", int(sys.argv[1]))

@@ -35,7 +35,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable
-from typing import Any
+from typing import Any, cast
 
 MAX_HEAD = 1 << 20  # bytes of response status line + headers
 READ_PIECE = 1 << 16
@@ -44,6 +44,10 @@ _NEEDS_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 
 Body = bytes | AsyncIterable[bytes] | None
 
+
+def _streamed(body: Body) -> bool:
+    # Concrete types, not isinstance(AsyncIterable): the ABC check costs on every request.
+    return body is not None and not isinstance(body, (bytes, bytearray, memoryview))
 
 class UpstreamError(Exception):
     """The upstream could not be reached or failed before a complete response head."""
@@ -225,7 +229,7 @@ class Pool:
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
                       body: Body = None) -> Response:
         head = _head(method, target, headers, body)
-        replayable = not isinstance(body, AsyncIterable) and method in _IDEMPOTENT
+        replayable = not _streamed(body) and method in _IDEMPOTENT
         conn = self._acquire_idle()
         if conn is None:
             conn = await self._connect()
@@ -239,9 +243,10 @@ class Pool:
     async def _exchange(self, conn: _Conn, method: str, head: bytes, body: Body) -> Response:
         writer_task: asyncio.Task[None] | None = None
         try:
-            if isinstance(body, AsyncIterable):
+            if _streamed(body):
                 conn.writer.write(head)
-                writer_task = asyncio.ensure_future(_write_chunked(conn.writer, body))
+                writer_task = asyncio.ensure_future(
+                    _write_chunked(conn.writer, cast(AsyncIterable[bytes], body)))
             else:
                 # One syscall either way; writelines spares copying a large body.
                 conn.writer.writelines((head, body) if body else (head,))
@@ -342,15 +347,16 @@ async def _write_chunked(writer: asyncio.StreamWriter, body: AsyncIterable[bytes
 
 
 def _head(method: str, target: str, headers: Iterable[tuple[str, str]], body: Body) -> bytes:
+    streamed = _streamed(body)
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     has_length = False
     for key, value in headers:
         if key.lower() == "content-length":
-            if isinstance(body, AsyncIterable):
+            if streamed:
                 continue  # sent chunked instead
             has_length = True
         lines.append(f"{key}: {value}\r\n")
-    if isinstance(body, AsyncIterable):
+    if streamed:
         lines.append("Transfer-Encoding: chunked\r\n")
     elif not has_length and (body or method in _NEEDS_LENGTH):
         lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
