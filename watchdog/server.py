@@ -5,6 +5,11 @@ requests for the function (see :mod:`fwatchdog.modes.base`).
 
 Routes on ``port``: ``/_/health`` and ``/_/ready`` (exact paths), every other
 path and method to the mode. Metrics on ``metrics_port`` at ``/metrics``.
+In http mode the port belongs to a lean protocol-level front
+(:mod:`fwatchdog.modes.http_fast`) that proxies plain requests itself and hands
+every other connection, at a request boundary, to this aiohttp server; both
+record through :meth:`Watchdog.record` and limit through
+:meth:`Watchdog.over_limit`.
 
 Start order: metrics listener, listener (health answers 503 meanwhile), the
 mode's ``start`` (bounded by ``start_timeout``), then the lock file, then
@@ -16,8 +21,8 @@ Shutdown order (:meth:`Watchdog.shutdown`), read top to bottom:
 2. keep serving what arrives and what is in flight;
 3. wait ``healthcheck_interval`` so load balancers see the 503 (skipped under
    Knative, where queue-proxy drained before sending SIGTERM, and on SIGINT);
-4. stop the listener;
-5. drain in-flight requests for up to ``write_timeout``;
+4. stop the listener (and the fast front's);
+5. drain in-flight requests for up to ``write_timeout`` (both fronts at once);
 6. stop the mode (http: SIGTERM to the function, whose exit is then expected);
 7. exit 0.
 If the mode's process dies outside a shutdown (``ctx.fatal``), the watchdog

@@ -33,6 +33,11 @@ Requests travel over :class:`fwatchdog.upstream.Pool`, a lean keep-alive
 HTTP/1.1 client (aiohttp's general client cost more than the function's own
 answer on loopback); WebSocket upgrades go through one aiohttp session.
 
+Plain requests never reach :meth:`HttpMode.handle`: the server's lean front
+(:mod:`fwatchdog.modes.http_fast`) proxies them itself through :attr:`pool`,
+:meth:`limit_for` and :meth:`target_for`, and hands everything else to the
+aiohttp server, which calls :meth:`handle`.
+
 Invariants: one pool for the mode's life (connections to the upstream are
 reused); nothing decompresses or re-encodes a body; the
 client gets either the upstream's complete response, a watchdog error status

@@ -204,9 +204,10 @@ class _Expiry:
 
     __slots__ = ("_handle", "_fired", "_task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None] | None,
+                 deadline: float | None) -> None:
         self._fired = False
-        self._task = asyncio.current_task() if deadline is not None else None
+        self._task = task
         self._handle = loop.call_at(deadline, self._fire) if deadline is not None else None
 
     def _fire(self) -> None:
@@ -528,7 +529,7 @@ class FastConnection(asyncio.Protocol):
         deadline = self.loop.time() + seconds if seconds else None
         # asyncio.timeout_at costs several µs per use; one timer that cancels this
         # task does the same job for the common, whole response.
-        expiry = _Expiry(self.loop, deadline)
+        expiry = _Expiry(self.loop, self._task, deadline)
         try:
             try:
                 upstream = await pool.request(req.method, mode.target_for(req.target),
