@@ -249,7 +249,8 @@ class Pool:
                     _write_chunked(conn.writer, cast(AsyncIterable[bytes], body)))
             else:
                 # One syscall either way; writelines spares copying a large body.
-                conn.writer.writelines((head, body) if body else (head,))
+                data = cast("bytes | None", body)
+                conn.writer.writelines((head, data) if data else (head,))
             return await self._read_head(conn, method, writer_task)
         except BaseException:
             conn.close()
@@ -359,6 +360,6 @@ def _head(method: str, target: str, headers: Iterable[tuple[str, str]], body: Bo
     if streamed:
         lines.append("Transfer-Encoding: chunked\r\n")
     elif not has_length and (body or method in _NEEDS_LENGTH):
-        lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
+        lines.append(f"Content-Length: {len(cast(bytes, body)) if body else 0}\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
