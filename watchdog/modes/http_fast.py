@@ -289,9 +289,11 @@ class FastConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Small responses must leave at once, not wait for the client's ACK.
+            # Small responses must leave at once, not wait for the client's ACK;
+            # SO_KEEPALIVE as aiohttp sets it, so dead peers are noticed.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.front.connections.add(self)
         self._become_idle()
 
