@@ -22,6 +22,11 @@ started. Handed over, by construction, are: malformed heads (aiohttp answers
 chunked or large or slow request bodies (streaming to the function, 408, 413),
 streamed requests, HTTP/1.0, requests before the function is up.
 
+The head parser here is a filter, not a general HTTP parser: it accepts only
+heads it is sure of and needs the byte offset where each request starts (a C
+parser such as httptools reports neither), and aiohttp's llhttp parser decides
+everything it does not accept.
+
 Per plain request the front does what the aiohttp path does, through the same
 code: ``Watchdog.over_limit`` (429), ``Watchdog.record`` (metrics, access
 log), ``HttpMode.limit_for`` (``exec_timeout``, ``X-Timeout``),
