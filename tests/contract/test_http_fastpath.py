@@ -311,3 +311,20 @@ def test_idle_keep_alive_connection_is_closed_after_read_timeout(watchdog_factor
     finally:
         raw.close()
     assert http_status(wd.url + "/_/health") == 200
+
+
+def test_bare_lf_request_is_answered_without_waiting_for_a_crlf(watchdog_factory, upstream):
+    # Go and llhttp accept bare LF line endings; the lean front only parses CRLF
+    # heads, so it must hand such a request over, not wait for a CRLF that never
+    # comes (here read_timeout is far longer than the client's patience).
+    wd = watchdog_factory(upstream.env(read_timeout="60s"))
+    wd.wait_ready()
+    for head in (b"GET /peer HTTP/1.1\nHost: t\n\n", b"GET /peer HTTP/1.1\r\nHost: t\n\r\n"):
+        raw = Raw(wd.port, timeout=10.0)
+        try:
+            raw.send(head)
+            reply = raw.response()
+            assert reply.status in (200, 400)
+        finally:
+            raw.close()
+    assert http_status(wd.url + "/_/health") == 200

@@ -372,7 +372,9 @@ class FastConnection(asyncio.Protocol):
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > MAX_FAST_HEAD:
+            # A head ended by a bare LF never shows a CRLF CRLF: aiohttp's parser
+            # decides on it (llhttp, like Go, accepts bare LF line endings).
+            if len(buf) > MAX_FAST_HEAD or b"\n\n" in buf or b"\n\r\n" in buf:
                 self._hand_over()
             elif self.eof:
                 self.close()
