@@ -35,6 +35,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check watchdog tracer template_cache templates tests bench
+	$(BIN)/mypy watchdog tracer template_cache
 
 test: setup
 	$(BIN)/pytest $(TEST_ARGS)

@@ -95,7 +95,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "http_overhead.json")
-    parser.add_argument("--smoke", action="store_true", help="check the script runs; no result file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script runs; no result file")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -158,7 +159,8 @@ def main() -> int:
     print(f"{'conns':>5} {'target':>10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for key, per in results.items():
         for name, r in per.items():
-            print(f"{key[1:]:>5} {name:>10} {r['rps']:>10.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}")
+            print(f"{key[1:]:>5} {name:>10} {r['rps']:>10.0f} "
+                  f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}")
     print(f"c32 throughput ratio {summary['c32_throughput_ratio']:.2f} (target >= 0.50); "
           f"c32 p99 ratio {summary['c32_p99_ratio']:.2f} (target <= 3); "
           f"c1 added p50 {summary['c1_added_p50_ms']:.3f} ms (target <= 0.3)")

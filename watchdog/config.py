@@ -128,7 +128,9 @@ class _Reader:
             self.problems.append(f"{name}={value!r}: {exc}")
             return default
 
-    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         value = self.env.get(name)
         if value is None or value.strip() == "":
             return default

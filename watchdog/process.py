@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from aiohttp import web
+
 from fwatchdog.durations import parse_duration
 from fwatchdog.logpump import pump
 from fwatchdog.logs import kv

@@ -25,7 +25,8 @@ def test_examples(text: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "s", "10x", "1m30", "-1s", "-5", "1.2.3s", "ten", "5 s", "1e3s", "inf", "nan", "0x10"]
+    "text",
+    ["", "s", "10x", "1m30", "-1s", "-5", "1.2.3s", "ten", "5 s", "1e3s", "inf", "nan", "0x10"],
 )
 def test_rejects(text: str) -> None:
     with pytest.raises(ValueError):

@@ -18,6 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
 from fwatchdog.config import from_env
 from fwatchdog.modes.base import ModeContext
 from fwatchdog.modes.serializing import SerializingMode

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
 from fwatchdog.config import from_env
 from fwatchdog.modes.base import ModeContext, StartError
 from fwatchdog.modes.static import StaticMode, sniff

@@ -18,6 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
 from fwatchdog.config import from_env
 from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext
 from fwatchdog.modes.streaming import StreamingMode

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+
 from fwatchdog.process import Children, SpawnError, spawn
 
 PY = sys.executable

@@ -6,6 +6,9 @@ import re
 import string
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fwatchdog.process import (
     UnsafeEnvironment,
     canonical_header_key,
@@ -14,8 +17,6 @@ from fwatchdog.process import (
     env_name_for_header,
     request_environment,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 PORTABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"

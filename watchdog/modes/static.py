@@ -35,6 +35,7 @@ import stat
 from urllib.parse import quote
 
 from aiohttp import web
+
 from fwatchdog.modes.base import ModeContext, ModeHandler, StartError
 from fwatchdog.process import error_response, log_event
 
