@@ -24,10 +24,21 @@ VENV_BIN = Path(sys.executable).parent
 FWATCHDOG = str(VENV_BIN / "fwatchdog")
 
 
+# Ports handed out in this test run. The kernel may give the same port to two
+# bind(0) calls in a row once the first socket is closed; a watchdog and its
+# function on one port would then proxy to themselves.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port that this test run has not handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(condition: Callable[[], object], *, timeout: float = 30.0, what: str = "condition",

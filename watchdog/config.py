@@ -81,6 +81,7 @@ class Config:
         return self.tmpdir.rstrip("/") + "/.lock" if self.tmpdir != "/" else "/.lock"
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 # Go's strconv.ParseBool spellings (any case), plus yes/no and on/off.
 _TRUE = frozenset({"true", "t", "1", "yes", "on"})
 _FALSE = frozenset({"false", "f", "0", "no", "off", ""})
@@ -190,6 +191,15 @@ def from_env(env: Mapping[str, str]) -> Config:
     metrics_port = r.port("metrics_port", default=DEFAULT_METRICS_PORT)
     if port == metrics_port:
         r.problems.append(f"metrics_port={metrics_port}: must differ from the serving port")
+
+    if upstream_url is not None:
+        target = urlsplit(upstream_url)
+        target_port = target.port or (443 if target.scheme == "https" else 80)
+        if target.hostname in _LOOPBACK and target_port == port:
+            r.problems.append(
+                f"upstream_url={upstream_url!r}: points at the watchdog's own port {port} "
+                "(it would proxy to itself)"
+            )
 
     read_timeout = r.duration("read_timeout", DEFAULT_TIMEOUT)
     write_timeout = r.duration("write_timeout", DEFAULT_TIMEOUT)

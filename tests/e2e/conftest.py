@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,18 +28,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE_SRC = REPO / "templates" / "python3-llm"
 PYTHON = sys.executable
 FWATCHDOG = str(Path(sys.executable).parent / "fwatchdog")
 
 # ------------------------------------------------------------------ small helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(
