@@ -14,7 +14,12 @@ Wire behaviour:
 - response framing: no body for HEAD, 1xx, 204 and 304; ``Transfer-Encoding:
   chunked`` decoded (trailers dropped); else ``Content-Length``; else until EOF;
 - a connection goes back to the pool only after a complete response without
-  ``Connection: close`` on HTTP/1.1; pooled connections idle longer than
+  ``Connection: close`` on HTTP/1.1 and with nothing left in its read buffer;
+  one holding bytes beyond the response (a function that over-sends, e.g. a
+  ``Content-Length`` counted in characters) is closed, at release and again
+  when taken from the pool, as Go's transport closes a connection on
+  unsolicited data: those bytes would be read as the next request's answer;
+  pooled connections idle longer than
   ``idle_timeout`` are closed rather than reused (an upstream may be closing
   them at the same moment);
 - a reused connection that closes before any byte of the response is retried
@@ -72,6 +77,11 @@ class _Conn:
 
     def close(self) -> None:
         self.writer.close()
+
+    def unsolicited(self) -> bool:
+        """True when bytes arrived that no request asked for (yet)."""
+        # StreamReader has no public way to peek at its buffer; reading would block.
+        return bool(self.reader._buffer)  # type: ignore[attr-defined]
 
 
 class Response:
@@ -205,14 +215,14 @@ class Pool:
         while self._idle:
             conn = self._idle.pop()  # most recently used: least likely to be stale
             if now - conn.last_used < self.idle_timeout and not conn.writer.is_closing() \
-                    and not conn.reader.at_eof():
+                    and not conn.reader.at_eof() and not conn.unsolicited():
                 conn.reused = True
                 return conn
             conn.close()
         return None
 
     def _release(self, conn: _Conn) -> None:
-        if self._closed or conn.writer.is_closing():
+        if self._closed or conn.writer.is_closing() or conn.unsolicited():
             conn.close()
             return
         conn.last_used = time.monotonic()

@@ -185,3 +185,85 @@ def test_early_answer_during_upload_is_read_and_connection_dropped():
         server.close()
 
     run(main())
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nPWNED"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_connection_with_bytes_beyond_the_response_is_closed_not_pooled(method):
+    # A function that over-sends (a Content-Length counted in characters, a body
+    # on a HEAD answer): the extra bytes must never be read as the next response.
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + SMUGGLED)
+        await writer.drain()
+        try:
+            await _read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")  # pragma: no cover
+
+    async def fresh(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        await writer.drain()
+
+    handlers = [handler, fresh]
+
+    async def main():
+        server, port, conns = await _serve(lambda r, w: handlers[len(conns) - 1](r, w))
+        pool = Pool("127.0.0.1", port, idle_timeout=30)
+        first = await pool.request(method, "/", [("Host", "h")])
+        assert await first.read() == (b"" if method == "HEAD" else b"ok")
+        assert not pool._idle
+        second = await pool.request("GET", "/", [("Host", "h")])
+        assert (second.status, await second.read()) == (200, b"second")
+        assert len(conns) == 2
+        pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_idle_connection_that_received_unsolicited_bytes_is_not_reused():
+    extra = asyncio.Event()
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await extra.wait()  # the client has pooled the connection
+        writer.write(SMUGGLED)
+        await writer.drain()
+        try:
+            await _read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")  # pragma: no cover
+
+    async def fresh(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        await writer.drain()
+
+    handlers = [handler, fresh]
+
+    async def main():
+        server, port, conns = await _serve(lambda r, w: handlers[len(conns) - 1](r, w))
+        pool = Pool("127.0.0.1", port, idle_timeout=30)
+        assert await (await pool.request("GET", "/", [("Host", "h")])).read() == b"ok"
+        assert len(pool._idle) == 1
+        idle = pool._idle[0]
+        extra.set()
+        deadline = asyncio.get_running_loop().time() + 5
+        while not idle.reader._buffer:  # poll: the unsolicited bytes reach the reader
+            assert asyncio.get_running_loop().time() < deadline, "no unsolicited bytes"
+            await asyncio.sleep(0.01)
+        second = await pool.request("GET", "/", [("Host", "h")])
+        assert (second.status, await second.read()) == (200, b"second")
+        assert len(conns) == 2
+        pool.close()
+        server.close()
+
+    run(main())
