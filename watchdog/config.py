@@ -179,10 +179,15 @@ def from_env(env: Mapping[str, str]) -> Config:
     got = r.first("upstream_url", "http_upstream_url")
     if got is not None and got[1]:
         parts = urlsplit(got[1])
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            r.problems.append(f"{got[0]}={got[1]!r}: expected an http:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            r.problems.append(f"{got[0]}={got[1]!r}: {exc}")
         else:
-            upstream_url = got[1].rstrip("/")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                r.problems.append(f"{got[0]}={got[1]!r}: expected an http:// URL with a host")
+            else:
+                upstream_url = got[1].rstrip("/")
     elif mode is Mode.HTTP:
         r.problems.append("upstream_url: required in mode=http (e.g. http://127.0.0.1:5000)")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fwatchdog.config import (
     DEFAULT_CONTENT_TYPE,
@@ -118,6 +120,10 @@ def test_static_mode_needs_no_fprocess() -> None:
          "points at the watchdog's own port 8080"),
         ({"fprocess": "x", "mode": "http", "upstream_url": "http://localhost", "port": "80"},
          "points at the watchdog's own port 80"),
+        ({"fprocess": "x", "mode": "http", "upstream_url": "http://127.0.0.1:99999"},
+         "upstream_url='http://127.0.0.1:99999': Port out of range"),
+        ({"fprocess": "x", "mode": "http", "upstream_url": "http://127.0.0.1:abc"},
+         "upstream_url='http://127.0.0.1:abc'"),
         ({"fprocess": "x", "port": "http"}, "port='http': expected a whole number"),
         ({"fprocess": "x", "port": "0"}, "port='0': must be between 1 and 65535"),
         ({"fprocess": "x", "PORT": "70000"}, "PORT='70000'"),
@@ -167,3 +173,18 @@ def test_empty_values_mean_default() -> None:
 def test_reading_does_not_touch_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("port", "1234")
     assert from_env({"fprocess": "cat"}).port == 8080
+
+
+NAMES = ["mode", "fprocess", "function_process", "upstream_url", "http_upstream_url", "port",
+         "PORT", "metrics_port", "read_timeout", "write_timeout", "exec_timeout",
+         "healthcheck_interval", "max_inflight", "max_body_size", "prefix_logs",
+         "log_buffer_size", "log_callid", "buffer_http", "content_type", "suppress_lock",
+         "static_path", "ready_path", "jwt_auth", "start_timeout", "TMPDIR", "K_SERVICE"]
+
+
+@given(st.dictionaries(st.sampled_from(NAMES), st.text(max_size=30), max_size=8))
+def test_any_environment_gives_a_config_or_a_config_error(env: dict[str, str]) -> None:
+    try:
+        from_env(env)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
