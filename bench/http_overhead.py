@@ -47,10 +47,16 @@ web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: all sockets stay bound until every port is known."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -105,7 +111,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "upstream.py"
         script.write_text(UPSTREAM)
-        up_port, wd_port, metrics_port = free_port(), free_port(), free_port()
+        up_port, wd_port, metrics_port = free_ports(3)
         env = {
             **os.environ,
             "mode": "http",
