@@ -11,6 +11,15 @@ table in README.md). Where two names exist, the second of each pair wins when
 both are set, as in of-watchdog: ``function_process`` over ``fprocess``,
 ``http_upstream_url`` over ``upstream_url``, ``log_call_id`` over ``log_callid``.
 ``buffer_http`` and ``http_buffer_req_body`` are or-ed, as in of-watchdog.
+
+``read_timeout=0`` means no limit, as in of-watchdog (it becomes Go's
+``http.Server.ReadTimeout``, where 0 is none): no deadline for a request body
+and no idle timeout, so a keep-alive connection stays open until the client
+closes it; dead peers are still found by TCP keep-alive, which both fronts
+turn on. aiohttp's keep-alive timer cannot be switched off (0 closes a
+connection right after each response), so there it is :data:`NO_IDLE_LIMIT`
+instead. Code reads :attr:`Config.read_limit` and
+:attr:`Config.keepalive_timeout`, never ``read_timeout`` itself as a limit.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ DEFAULT_STATIC_PATH = "/home/app/public"
 # connections). Generous because http-mode functions that load a model at import
 # take tens of seconds; a child that exits early fails at once, whatever this is.
 DEFAULT_START_TIMEOUT = 300.0
+# aiohttp's keep-alive timeout when read_timeout=0 asks for none: a year.
+NO_IDLE_LIMIT = 365 * 24 * 3600.0
 
 
 class Mode(enum.Enum):
@@ -57,7 +68,7 @@ class Config:
     upstream_url: str | None
     port: int
     metrics_port: int
-    read_timeout: float
+    read_timeout: float  # 0 means no limit (see read_limit, keepalive_timeout)
     write_timeout: float
     exec_timeout: float  # 0 means no limit
     healthcheck_interval: float
@@ -75,6 +86,16 @@ class Config:
     knative: bool  # K_SERVICE is set: queue-proxy drains before SIGTERM
     # Deadline for the mode's start (http: the upstream accepting connections).
     start_timeout: float = DEFAULT_START_TIMEOUT
+
+    @property
+    def read_limit(self) -> float | None:
+        """Seconds allowed for reading a request and for idling between requests; None: no limit."""
+        return self.read_timeout or None
+
+    @property
+    def keepalive_timeout(self) -> float:
+        """aiohttp's idle timeout: ``read_timeout`` (Go uses it as the idle timeout too)."""
+        return self.read_timeout or NO_IDLE_LIMIT
 
     @property
     def lock_path(self) -> str:

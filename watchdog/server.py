@@ -279,7 +279,7 @@ class Watchdog:
             shutdown_timeout=cfg.write_timeout,
             # An idle or half-sent connection is closed after read_timeout (Go
             # uses ReadTimeout as the idle timeout too); this bounds slow headers.
-            keepalive_timeout=cfg.read_timeout,
+            keepalive_timeout=cfg.keepalive_timeout,
             max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS,
             # After an early answer (413, 408) the unread rest of a body is read
             # and dropped for this long before closing; aiohttp's 10 s lets one

@@ -328,3 +328,30 @@ def test_bare_lf_request_is_answered_without_waiting_for_a_crlf(watchdog_factory
         finally:
             raw.close()
     assert http_status(wd.url + "/_/health") == 200
+
+
+def test_read_timeout_zero_means_no_limit_on_either_front(watchdog_factory, upstream):
+    # of-watchdog hands read_timeout to Go's http.Server, where 0 is no timeout:
+    # connections must not be closed before (or right after) their request.
+    wd = watchdog_factory(upstream.env(read_timeout="0"))
+    wd.wait_ready()
+    raw = Raw(wd.port, timeout=10.0)
+    try:
+        for _ in range(2):  # the lean front, keep-alive
+            raw.get("/peer")
+            assert raw.response().status == 200
+        # Handed to aiohttp: its body read has no deadline, and it keeps the
+        # connection alive afterwards.
+        raw.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+        assert raw.response().status == 100
+        raw.send(b"hello")
+        assert json.loads(raw.response().body)["body"] == "hello"
+        # A request on another connection lets the watchdog's loop run on: a
+        # zero-second idle timer would have closed this connection by then.
+        assert http_status(wd.url + "/_/health") == 200
+        for path in ("/_/health", "/echo/still-open"):
+            raw.get(path)
+            assert raw.response().status == 200
+    finally:
+        raw.close()

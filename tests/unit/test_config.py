@@ -10,6 +10,7 @@ from fwatchdog.config import (
     DEFAULT_CONTENT_TYPE,
     DEFAULT_LOG_BUFFER_SIZE,
     DEFAULT_STATIC_PATH,
+    NO_IDLE_LIMIT,
     ConfigError,
     Mode,
     from_env,
@@ -188,3 +189,14 @@ def test_any_environment_gives_a_config_or_a_config_error(env: dict[str, str]) -
         from_env(env)
     except ConfigError as exc:
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+def test_read_timeout_zero_means_no_limit() -> None:
+    # Go's http.Server.ReadTimeout, which of-watchdog sets from it: 0 is no timeout.
+    c = cfg(read_timeout="0")
+    assert c.read_timeout == 0.0
+    assert c.read_limit is None
+    # aiohttp closes a connection right after its response at keepalive_timeout=0.
+    assert c.keepalive_timeout >= NO_IDLE_LIMIT > 24 * 3600
+    c = cfg(read_timeout="2s")
+    assert (c.read_limit, c.keepalive_timeout) == (2.0, 2.0)

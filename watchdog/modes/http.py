@@ -19,7 +19,8 @@ headers copied except hop-by-hop ones (Host kept, see
   before the response is complete: 504, same header; for a response already
   being streamed the connection is cut so the client sees it truncated;
 - the request body is read within ``read_timeout`` of the request's start
-  (408 otherwise) and within ``max_body_size`` (413).
+  (408 otherwise; ``read_timeout=0``: no deadline) and within ``max_body_size``
+  (413).
 Requests asking for ``text/event-stream``, ``application/x-ndjson`` or a
 WebSocket upgrade are streamed through, each chunk (or message) forwarded as it
 arrives. Other responses up to 1 MiB with a known length are read whole and
@@ -300,7 +301,8 @@ class HttpMode(ModeHandler):
         out_headers = to_upstream(headers.items())
         data: Body = None
         if request.body_exists:
-            read_deadline = loop.time() + self.ctx.config.read_timeout
+            limit = self.ctx.config.read_limit
+            read_deadline = loop.time() + limit if limit is not None else None
             length = request.content_length
             if self.ctx.config.buffer_http or (length is not None
                                                and length <= WHOLE_REQUEST_LIMIT):
@@ -333,7 +335,7 @@ class HttpMode(ModeHandler):
         finally:
             upstream.close()  # no-op once the body was read to the end
 
-    async def _read_whole(self, request: web.Request, deadline: float) -> bytes:
+    async def _read_whole(self, request: web.Request, deadline: float | None) -> bytes:
         try:
             async with timeout_at(deadline):
                 return await request.read()
@@ -342,7 +344,8 @@ class HttpMode(ModeHandler):
         except web.HTTPRequestEntityTooLarge:
             raise _BodyError(413, "request body larger than max_body_size") from None
 
-    async def _body_chunks(self, request: web.Request, deadline: float) -> AsyncIterator[bytes]:
+    async def _body_chunks(self, request: web.Request,
+                           deadline: float | None) -> AsyncIterator[bytes]:
         limit = self.ctx.config.max_body_size
         total = 0
         content = request.content

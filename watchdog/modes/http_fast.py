@@ -60,7 +60,8 @@ pauses when it grows); the head of a request is parsed only in IDLE, so a
 handover always starts at a request boundary with every unread byte; the front
 never answers for ``/_/*`` paths; an idle connection (no request, or half a
 head) is closed ``read_timeout`` after it became idle, as aiohttp's keep-alive
-timeout does; one timer per connection, re-armed only when it fires.
+timeout does (never with ``read_timeout=0``, which means no limit); one timer
+per connection, re-armed only when it fires.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ class FastFront:
         self.closing = False
         self._gone: asyncio.Event | None = None
         cfg = watchdog.config
-        self.idle_timeout = cfg.read_timeout
+        self.idle_timeout = cfg.read_limit  # None: read_timeout=0, idle for ever
         self.body_limit = min(WHOLE_REQUEST_LIMIT, cfg.max_body_size or WHOLE_REQUEST_LIMIT)
 
     def connection(self) -> FastConnection:
@@ -348,13 +349,13 @@ class FastConnection(asyncio.Protocol):
     def _become_idle(self) -> None:
         self.state = ConnState.IDLE
         self.idle_since = self.loop.time()
-        if self._timer is None:
+        if self._timer is None and self.front.idle_timeout is not None:
             self._timer = self.loop.call_at(self.idle_since + self.front.idle_timeout,
                                             self._check_idle)
 
     def _check_idle(self) -> None:
         self._timer = None
-        if self.state is not ConnState.IDLE:
+        if self.state is not ConnState.IDLE or self.front.idle_timeout is None:
             return  # re-armed when the connection is idle again
         due = self.idle_since + self.front.idle_timeout
         if self.loop.time() >= due:
