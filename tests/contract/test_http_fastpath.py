@@ -355,3 +355,26 @@ def test_read_timeout_zero_means_no_limit_on_either_front(watchdog_factory, upst
             assert raw.response().status == 200
     finally:
         raw.close()
+
+
+def test_escaped_internal_path_is_routed_alike_on_both_fronts(watchdog_factory, upstream):
+    # aiohttp routes on the decoded path, so /%5F/health is the watchdog's own
+    # health endpoint there; the lean front must not send it to the function.
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    fresh = Raw(wd.port)  # the lean front decides
+    handed = Raw(wd.port)  # aiohttp owns this connection after the 100-continue
+    try:
+        handed.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        assert handed.response().status == 100
+        handed.send(b"hi")
+        assert handed.response().status == 200
+        for raw in (fresh, handed):
+            raw.get("/%5F/health")
+            reply = raw.response()
+            assert (reply.status, reply.body) == (200, b"OK")
+            assert "x-duration-seconds" not in reply.headers  # not proxied
+    finally:
+        fresh.close()
+        handed.close()

@@ -43,6 +43,9 @@ def test_non_ascii_header_bytes_survive_a_round_trip():
     b"GET /_/health HTTP/1.1",
     b"GET /_/ready HTTP/1.1",
     b"GET /_%2Fhealth HTTP/1.1",  # percent-decoded by aiohttp: never decide that here
+    b"GET /%5F/health HTTP/1.1",  # aiohttp routes the decoded /_/health
+    b"GET /%5f/ready?x=1 HTTP/1.1",
+    b"GET /fn/a%20b HTTP/1.1",  # any escape in the path, so one rule decides
     b"GET /caf\xc3\xa9 HTTP/1.1",  # non-ASCII target
     b"GET /\x00 HTTP/1.1",
     b"GET / HTTP/1.1\r\n folded: value",  # obs-fold
@@ -70,3 +73,9 @@ def test_anything_unusual_is_handed_over(head):
 def test_the_body_limit_is_inclusive():
     req = parse_head(b"PUT / HTTP/1.1\r\nContent-Length: 1000", LIMIT)
     assert req is not None and req.content_length == 1000
+
+
+def test_percent_escapes_in_the_query_alone_stay_plain():
+    # Routing looks at the path only; an escaped query is common and harmless.
+    req = parse_head(b"GET /fn?q=a%20b&u=%2F_ HTTP/1.1", LIMIT)
+    assert req is not None and req.target == "/fn?q=a%20b&u=%2F_"

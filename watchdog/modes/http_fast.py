@@ -13,12 +13,14 @@ implementation.
 A request is plain when its head is complete, at most ``MAX_FAST_HEAD`` bytes,
 ``METHOD /origin-form-target HTTP/1.1`` with a common method, every header line
 a valid ``name: value`` field (no obs-fold), at most ``MAX_FAST_HEADERS`` of
-them, the path not under ``/_`` (health, readiness), no ``Transfer-Encoding``,
-``Upgrade``, ``Expect`` or repeated ``Content-Length``, no ``Accept`` asking for
-a stream (SSE, NDJSON), a body of at most ``WHOLE_REQUEST_LIMIT`` and
-``max_body_size`` bytes that has already arrived in full, and the function has
-started. Handed over, by construction, are: malformed heads (aiohttp answers
-400/431), health and readiness, WebSocket and other upgrades, 100-continue,
+them, the path not under ``/_`` (health, readiness) and without ``%`` escapes
+(aiohttp routes on the decoded path, so only it decides on those), no
+``Transfer-Encoding``, ``Upgrade``, ``Expect`` or repeated ``Content-Length``,
+no ``Accept`` asking for a stream (SSE, NDJSON), a body of at most
+``WHOLE_REQUEST_LIMIT`` and ``max_body_size`` bytes that has already arrived in
+full, and the function has started. Handed over, by construction, are:
+malformed heads (aiohttp answers 400/431), health and readiness (escaped or
+not), percent-escaped paths, WebSocket and other upgrades, 100-continue,
 chunked or large or slow request bodies (streaming to the function, 408, 413),
 streamed requests, HTTP/1.0, requests before the function is up.
 
@@ -142,6 +144,10 @@ def parse_head(head: bytes, body_limit: int) -> PlainRequest | None:
         return None
     method, target = parts[0], parts[1]
     if target.startswith("/_") or _TARGET.fullmatch(target) is None:
+        return None
+    if "%" in target.partition("?")[0]:
+        # aiohttp routes on the decoded path (/%5F/health is /_/health there);
+        # deciding on escapes here would route one request two ways.
         return None
     if len(lines) - 1 > MAX_FAST_HEADERS:
         return None
