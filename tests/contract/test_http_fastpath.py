@@ -378,3 +378,37 @@ def test_escaped_internal_path_is_routed_alike_on_both_fronts(watchdog_factory, 
     finally:
         fresh.close()
         handed.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_requests_wait_for_a_client_that_does_not_read(watchdog_factory, upstream):
+    # Answers the client does not read must not pile up in the watchdog: the
+    # next pipelined request is served only once the last answer has drained.
+    wd = watchdog_factory(upstream.env())
+    wd.wait_ready()
+    count, size = 300, 1_000_000  # 300 MB of answers, each read whole by the front
+    raw = Raw(wd.port, timeout=30.0)
+    try:
+        baseline = _rss_bytes(wd.proc.pid)
+        raw.send(b"".join(b"GET /big?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % (size + i)
+                          for i in range(count)))
+        # Read nothing for a while; unbounded, the front would have buffered
+        # every answer by the end of this window.
+        window = time.monotonic() + 3.0
+        while time.monotonic() < window:
+            growth = _rss_bytes(wd.proc.pid) - baseline
+            assert growth < 200_000_000, f"watchdog grew by {growth} bytes"
+            time.sleep(0.05)  # sampling interval of an observation window
+        for i in range(count):
+            reply = raw.response()
+            assert reply.status == 200
+            assert reply.body == pattern(size + i), i  # complete, and in request order
+    finally:
+        raw.close()

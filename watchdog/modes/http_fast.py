@@ -58,7 +58,9 @@ Connection states::
 
 Invariants: one request at a time per connection, so pipelined responses leave
 in request order (bytes that arrive while BUSY wait in the buffer, and reading
-pauses when it grows); the head of a request is parsed only in IDLE, so a
+pauses when it grows); a connection stays BUSY until its response has drained
+to below the transport's high-water mark, so a client that does not read its
+answers holds at most one of them in memory; the head of a request is parsed only in IDLE, so a
 handover always starts at a request boundary with every unread byte; the front
 never answers for ``/_/*`` paths; an idle connection (no request, or half a
 head) is closed ``read_timeout`` after it became idle, as aiohttp's keep-alive
@@ -529,6 +531,13 @@ class FastConnection(asyncio.Protocol):
             wd.metrics.in_flight.dec()
         wd.record(req.method, req.target, status, reason, size, wd.clock() - started,
                   req.user_agent, req.call_id)
+        if keep_alive and self._writing_paused:
+            # The client is not reading its answers: serve no further pipelined
+            # request until this one has drained, or their responses would pile
+            # up in memory without bound. Staying BUSY keeps the bytes that wait
+            # in the buffer (reading pauses at PAUSE_READING_AT).
+            with contextlib.suppress(ConnectionResetError):
+                await self._drain()
         self._finish(keep_alive)
 
     async def _relay(self, req: PlainRequest,
