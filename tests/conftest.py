@@ -208,6 +208,17 @@ async def slow(request):
     await asyncio.sleep(float(request.query.get("s", "5")))
     return web.Response(text="slow")
 
+async def linger(request):
+    # Never answers on its own: marks when the watchdog's connection to it closes.
+    name = request.query["name"]
+    mark("linger-" + name)
+    for _ in range(6000):  # a minute at most
+        if request.transport is None or request.transport.is_closing():
+            mark("linger-closed-" + name)
+            break
+        await asyncio.sleep(0.01)
+    return web.Response(text="lingered " + name)
+
 async def sse(request):
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
@@ -377,6 +388,7 @@ async def main():
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/hold", hold)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/linger", linger)
     app.router.add_get("/sse", sse)
     app.router.add_get("/trickle", trickle)
     app.router.add_get("/cut", cut)

@@ -181,6 +181,15 @@ class Watchdog:
                 await resp.write_eof()
         except ConnectionError:
             pass  # the client went away; aiohttp closes the connection
+        except asyncio.CancelledError:
+            # http mode cancels the handler of a client that went away (and
+            # shutdown may cancel what is left): still counted and logged, as
+            # the forking modes record a disconnect.
+            self.log.info(kv("client_gone", uri=request.raw_path))
+            self.record(request.method, request.raw_path, 500, "Internal Server Error", 0,
+                        self.clock() - started, request.headers.get("User-Agent"),
+                        request.headers.get("X-Call-Id"))
+            raise
         except Exception as exc:  # a mode broke its contract: answer, don't die
             self.log.info(kv("handler_error", uri=request.raw_path, error=repr(exc)))
             if resp is None or not resp.prepared:
@@ -285,6 +294,11 @@ class Watchdog:
             # and dropped for this long before closing; aiohttp's 10 s lets one
             # slow client hold a connection long after its answer.
             lingering_time=LINGERING_TIME,
+            # http mode: a client that goes away cancels its handler, and with it
+            # the upstream call, as of-watchdog's request context does. The
+            # forking modes keep aiohttp's default: their DisconnectWatch kills
+            # the child and the request is still recorded with its outcome.
+            handler_cancellation=cfg.mode is Mode.HTTP,
         )
         for runner, port, name in ((self._metrics_runner, cfg.metrics_port, "metrics"),
                                    (self._runner, cfg.port, "http")):

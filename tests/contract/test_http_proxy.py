@@ -11,6 +11,8 @@ import re
 import socket
 import time
 
+import pytest
+
 from tests.conftest import fetch, http_status, wait_until
 
 INTERNAL = "X-OpenFaaS-Internal"
@@ -189,3 +191,41 @@ def test_body_delimited_by_close_is_relayed(watchdog_factory, upstream):
         reply = fetch(wd.url + "/eof")
         assert reply.status == 200 and reply.body == b"until the end"
         assert reply.header("X-Old") == "1"
+
+
+def _in_flight(wd) -> float:
+    text = fetch(f"http://127.0.0.1:{wd.metrics_port}/metrics").body.decode()
+    for line in text.splitlines():
+        if line.startswith("http_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no http_requests_in_flight sample")
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /linger?name=fast HTTP/1.1\r\nHost: t\r\n\r\n",  # the lean front
+    b"GET /linger?name=handed HTTP/1.0\r\nHost: t\r\n\r\n",  # handed to aiohttp
+    b"GET /linger?name=stream HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+], ids=["fast", "aiohttp", "stream"])
+def test_client_disconnect_cancels_the_upstream_call(watchdog_factory, upstream, head):
+    # of-watchdog cancels the upstream request through the request's context when
+    # the client goes away; the call must not run on for a client that is gone.
+    name = head.split(b"name=")[1].split(b" ")[0].decode()
+    wd = watchdog_factory(upstream.env(exec_timeout="60s"))
+    wd.wait_ready()
+    client = socket.create_connection(("127.0.0.1", wd.port), timeout=10)
+    try:
+        client.sendall(head)
+        wait_until(lambda: upstream.seen("linger-" + name), what="the call to reach the function")
+        assert _in_flight(wd) == 1
+    finally:
+        client.close()
+    wait_until(lambda: upstream.seen("linger-closed-" + name), timeout=15,
+               what="the upstream connection to be closed")
+    wait_until(lambda: _in_flight(wd) == 0, timeout=15, what="in-flight to return to 0")
+    # Still counted, as the forking modes count a disconnect.
+    text = fetch(f"http://127.0.0.1:{wd.metrics_port}/metrics").body.decode()
+    assert 'http_requests_total{code="500",method="get"} 1.0' in text
+    wait_until(lambda: f'event=client_gone uri="/linger?name={name}"' in wd.text(),
+               what="the disconnect to be logged")
+    # The watchdog still serves, over a new upstream connection.
+    assert fetch(wd.url + "/echo").status == 200

@@ -18,6 +18,9 @@ headers copied except hop-by-hop ones (Host kept, see
 - ``exec_timeout`` (shortened, never lengthened, by ``X-Timeout``) reached
   before the response is complete: 504, same header; for a response already
   being streamed the connection is cut so the client sees it truncated;
+- the client goes away (closes its end) before the response is complete: the
+  upstream call is cancelled and its connection closed, as of-watchdog's
+  request context does; the request is recorded as a 500 (``client_gone``);
 - the request body is read within ``read_timeout`` of the request's start
   (408 otherwise; ``read_timeout=0``: no deadline) and within ``max_body_size``
   (413).

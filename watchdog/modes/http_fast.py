@@ -54,7 +54,7 @@ Connection states::
     +---------|-------------------------------------------------+
               | idle > read_timeout, EOF, Connection: close, shutdown, cut
               v
-           CLOSED
+           CLOSED   (a BUSY connection lost: its task, the upstream call, is cancelled)
 
 Invariants: one request at a time per connection, so pipelined responses leave
 in request order (bytes that arrive while BUSY wait in the buffer, and reading
@@ -324,10 +324,18 @@ class FastConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        # While busy, keep the half-open connection so the answer can still go out.
-        return self.state is ConnState.BUSY
+        # A client that closes its end has gone away: a close and a half-close
+        # look alike here, and Go's server and aiohttp (the other front) both
+        # treat either as the end of the client. Returning False closes the
+        # transport; connection_lost then cancels a request in progress.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is ConnState.BUSY and self._task is not None:
+            # The client is gone: stop its upstream call, as of-watchdog does
+            # through the request's context. Pool.request and Response close
+            # (never pool) the upstream connection they are cancelled on.
+            self._task.cancel()
         if self.state is not ConnState.HANDED:
             self.state = ConnState.CLOSED
         self._cancel_timer()
@@ -526,6 +534,13 @@ class FastConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             keep_alive = False
+        except asyncio.CancelledError:
+            # The client went away (or shutdown cut the connection): still counted
+            # and logged, as the forking modes record a disconnect, then cancelled.
+            wd.log.info(kv("client_gone", uri=req.target))
+            wd.record(req.method, req.target, 500, "Internal Server Error", 0,
+                      wd.clock() - started, req.user_agent, req.call_id)
+            raise
         finally:
             state.inflight -= 1
             wd.metrics.in_flight.dec()
