@@ -53,7 +53,14 @@ from fwatchdog.durations import format_duration
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
-from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError, load_mode
+from fwatchdog.modes.base import (
+    BODY_BYTES_KEY,
+    STARTED_RESPONSE_KEY,
+    ModeContext,
+    ModeHandler,
+    StartError,
+    load_mode,
+)
 
 if TYPE_CHECKING:
     from fwatchdog.modes.http_fast import FastFront
@@ -185,8 +192,16 @@ class Watchdog:
             # http mode cancels the handler of a client that went away (and
             # shutdown may cancel what is left): still counted and logged, as
             # the forking modes record a disconnect.
+            # A stream whose status line went out is recorded with that status
+            # (the OpenAI client closes right after `data: [DONE]`, before the
+            # last chunk's framing); anything else as a 500.
             self.log.info(kv("client_gone", uri=request.raw_path))
-            self.record(request.method, request.raw_path, 500, "Internal Server Error", 0,
+            seen = request.get(STARTED_RESPONSE_KEY)
+            if seen is not None:
+                status, reason, size = seen.status, seen.reason, seen.get(BODY_BYTES_KEY, 0)
+            else:
+                status, reason, size = 500, "Internal Server Error", 0
+            self.record(request.method, request.raw_path, status, reason, size,
                         self.clock() - started, request.headers.get("User-Agent"),
                         request.headers.get("X-Call-Id"))
             raise

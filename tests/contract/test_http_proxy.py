@@ -229,3 +229,31 @@ def test_client_disconnect_cancels_the_upstream_call(watchdog_factory, upstream,
                what="the disconnect to be logged")
     # The watchdog still serves, over a new upstream connection.
     assert fetch(wd.url + "/echo").status == 200
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /trickle HTTP/1.1\r\nHost: t\r\n\r\n",  # the lean front relays the chunks
+    b"GET /trickle HTTP/1.1\r\nHost: t\r\nAccept: application/x-ndjson\r\n\r\n",  # aiohttp
+], ids=["fast", "aiohttp"])
+def test_client_leaving_a_started_stream_is_recorded_with_the_status_it_saw(
+        watchdog_factory, upstream, head):
+    # The OpenAI client closes its connection right after `data: [DONE]`, before the
+    # stream's last framing: that is a 200 the client received, not a failure.
+    wd = watchdog_factory(upstream.env(exec_timeout="60s"))
+    wd.wait_ready()
+    client = socket.create_connection(("127.0.0.1", wd.port), timeout=10)
+    try:
+        client.sendall(head)
+        got = b""
+        while b'{"n": 0}' not in got:
+            chunk = client.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200 ")
+    finally:
+        client.close()
+    wait_until(lambda: _in_flight(wd) == 0, timeout=15, what="in-flight to return to 0")
+    text = fetch(f"http://127.0.0.1:{wd.metrics_port}/metrics").body.decode()
+    assert 'http_requests_total{code="200",method="get"} 1.0' in text
+    assert 'code="500"' not in text
+    wait_until(lambda: 'GET /trickle - 200 OK' in wd.text(), what="the access log line")

@@ -33,6 +33,10 @@ from fwatchdog.config import Config, Mode
 
 # StreamResponse supports item assignment for per-response state; aiohttp 3.12+
 # wants a typed ResponseKey (a plain string warns), older versions take a string.
+# A mode that has sent the status line of a streamed response stores the response
+# here (``request[STARTED_RESPONSE_KEY]``), so that a client leaving mid-stream is
+# recorded with the status it saw, not as a failure.
+STARTED_RESPONSE_KEY = "fwatchdog.started_response"
 BODY_BYTES_KEY: Any = (web.ResponseKey("fwatchdog.body_bytes", int)
                        if hasattr(web, "ResponseKey") else "fwatchdog.body_bytes")
 

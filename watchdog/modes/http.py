@@ -20,7 +20,8 @@ headers copied except hop-by-hop ones (Host kept, see
   being streamed the connection is cut so the client sees it truncated;
 - the client goes away (closes its end) before the response is complete: the
   upstream call is cancelled and its connection closed, as of-watchdog's
-  request context does; the request is recorded as a 500 (``client_gone``);
+  request context does; the request is recorded as a 500 (``client_gone``), or
+  with the status already sent when a streamed response had started;
 - the request body is read within ``read_timeout`` of the request's start
   (408 otherwise; ``read_timeout=0``: no deadline) and within ``max_body_size``
   (413).
@@ -68,7 +69,13 @@ from yarl import URL
 from fwatchdog.durations import format_duration, parse_duration
 from fwatchdog.logpump import pump
 from fwatchdog.logs import kv
-from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext, ModeHandler, StartError
+from fwatchdog.modes.base import (
+    BODY_BYTES_KEY,
+    STARTED_RESPONSE_KEY,
+    ModeContext,
+    ModeHandler,
+    StartError,
+)
 from fwatchdog.proxyheaders import to_client, to_upstream, wants_stream
 from fwatchdog.upstream import Body, Pool, Response, UpstreamError
 
@@ -407,12 +414,15 @@ class HttpMode(ModeHandler):
                              headers=headers, body=body or None)
         out = _VerbatimStream(status=upstream.status, reason=upstream.reason, headers=headers)
         await out.prepare(request)
+        request[STARTED_RESPONSE_KEY] = out
         sent = 0
+        out[BODY_BYTES_KEY] = 0
         try:
             async with timeout_at(deadline):
                 async for chunk in upstream.iter_chunks():
                     await out.write(chunk)
                     sent += len(chunk)
+                    out[BODY_BYTES_KEY] = sent
             await out.write_eof()
         except (UpstreamError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
                 ValueError) as exc:

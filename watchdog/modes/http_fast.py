@@ -295,6 +295,8 @@ class FastConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
+        # (status, reason, body bytes sent) once a streamed response's head is out.
+        self._streaming: tuple[int, str, int] | None = None
 
     # -- transport callbacks ------------------------------------------------
 
@@ -519,6 +521,7 @@ class FastConnection(asyncio.Protocol):
         started = wd.clock()
         state = wd.state
         keep_alive = req.keep_alive
+        self._streaming = None
         state.inflight += 1
         wd.metrics.in_flight.inc()
         try:
@@ -537,8 +540,13 @@ class FastConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             # The client went away (or shutdown cut the connection): still counted
             # and logged, as the forking modes record a disconnect, then cancelled.
+            # A stream whose status line went out is recorded with that status.
             wd.log.info(kv("client_gone", uri=req.target))
-            wd.record(req.method, req.target, 500, "Internal Server Error", 0,
+            if self._streaming is not None:
+                status, reason, size = self._streaming
+            else:
+                status, reason, size = 500, "Internal Server Error", 0
+            wd.record(req.method, req.target, status, reason, size,
                       wd.clock() - started, req.user_agent, req.call_id)
             raise
         finally:
@@ -627,6 +635,8 @@ class FastConnection(asyncio.Protocol):
         chunked = length is None
         keep = req.keep_alive
         self._write(self._head(upstream, duration, length, chunked, keep))
+        reason = _phrase(upstream.status, upstream.reason)
+        self._streaming = (upstream.status, reason, 0)
         sent = 0
         try:
             async with timeout_at(deadline):
@@ -634,6 +644,7 @@ class FastConnection(asyncio.Protocol):
                     await self._drain()
                     self._write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                     sent += len(piece)
+                    self._streaming = (upstream.status, reason, sent)
             if chunked:
                 self._write(b"0\r\n\r\n")
         except (*_RELAY_ERRORS, asyncio.TimeoutError, ValueError) as exc:
