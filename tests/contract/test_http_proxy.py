@@ -70,6 +70,17 @@ def test_response_headers_are_not_invented(watchdog_factory, upstream):
     assert reply.status == 200 and reply.body == b"no type"
     names = {k.lower() for k, _ in reply.headers}
     assert "content-type" not in names and "server" not in names
+    # The same through aiohttp, which answers HTTP/1.0 requests.
+    with socket.create_connection(("127.0.0.1", wd.port), timeout=10) as client:
+        client.sendall(b"GET /plain HTTP/1.0\r\nHost: t\r\n\r\n")
+        raw = b""
+        while chunk := client.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0].startswith("http/1.") and " 200 " in lines[0] and body == b"no type"
+    names = {line.split(":", 1)[0] for line in lines[1:]}
+    assert "content-type" not in names and "server" not in names
 
 
 def test_status_and_head_are_relayed(watchdog_factory, upstream):

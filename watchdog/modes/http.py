@@ -94,7 +94,7 @@ _WS_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocke
                      "sec-websocket-protocol"})
 
 
-class _Verbatim(web.Response):
+class _VerbatimStream(web.StreamResponse):
     """A relayed response: aiohttp adds no Content-Type or Server the upstream left out."""
 
     async def _prepare_headers(self) -> None:
@@ -107,15 +107,8 @@ class _Verbatim(web.Response):
             self._headers.popall("Server", None)
 
 
-class _VerbatimStream(web.StreamResponse):
-    async def _prepare_headers(self) -> None:
-        had_type = "Content-Type" in self._headers
-        had_server = "Server" in self._headers
-        await super()._prepare_headers()
-        if not had_type:
-            self._headers.popall("Content-Type", None)
-        if not had_server:
-            self._headers.popall("Server", None)
+class _Verbatim(web.Response, _VerbatimStream):
+    """The same for a response read whole (web.Response's body handling first)."""
 
 
 class _BodyError(Exception):
