@@ -6,6 +6,7 @@ deadline and fails with a message naming what never happened.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -52,6 +53,25 @@ def wait_until(condition: Callable[[], object], *, timeout: float = 30.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)  # polling interval, not synchronisation
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+async def async_wait_until(condition: Callable[[], object], timeout: float = 10.0,
+                           what: str = "condition") -> None:
+    """:func:`wait_until` for tests that run inside an event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # polling interval
 
 
 def http_status(url: str, *, timeout: float = 5.0) -> int | None:

@@ -7,18 +7,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from tests.conftest import fetch, wait_until
+from tests.conftest import alive, fetch, wait_until
 
 PY = shlex.quote(sys.executable)
 DURATION = re.compile(r"^\d+\.\d{6}$")  # Go's %f
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
 
 
 def start(factory, **env: str):  # type: ignore[no-untyped-def]

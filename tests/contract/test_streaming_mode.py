@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fetch, wait_until
+from tests.conftest import alive, fetch, wait_until
 
 PY = shlex.quote(sys.executable)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
 
 
 def start(factory, tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]

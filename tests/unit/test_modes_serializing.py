@@ -22,26 +22,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from fwatchdog.config import from_env
 from fwatchdog.modes.base import ModeContext
 from fwatchdog.modes.serializing import SerializingMode
+from tests.conftest import alive, async_wait_until
 
 PY = shlex.quote(sys.executable)
 BASE_ENV = {"PATH": "/usr/bin:/bin"}
 DURATION = re.compile(r"^\d+\.\d{6}$")  # Go's %f
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)  # polling interval
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +90,7 @@ def test_failure_is_500_with_the_exit_status(run) -> None:  # type: ignore[no-un
             assert resp.status == 500
             assert await resp.text() == "exit status 3"  # of-watchdog's exact body
             assert DURATION.match(resp.headers["X-Duration-Seconds"])
-            await until(lambda: "why" in err.getvalue(), what="stderr forwarded")
+            await async_wait_until(lambda: "why" in err.getvalue(), what="stderr forwarded")
 
     run(main())
 
@@ -132,7 +117,7 @@ def test_timeout_is_500_and_kills_the_group(run, tmp_path: Path) -> None:  # typ
             assert "exec_timeout of 500ms exceeded" in await resp.text()
             assert time.monotonic() - started < 5
             grandchild = int(pidfile.read_text())
-            await until(lambda: not alive(grandchild), what="grandchild killed")
+            await async_wait_until(lambda: not alive(grandchild), what="grandchild killed")
 
     run(main())
 

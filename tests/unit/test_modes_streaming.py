@@ -22,25 +22,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from fwatchdog.config import from_env
 from fwatchdog.modes.base import BODY_BYTES_KEY, ModeContext
 from fwatchdog.modes.streaming import StreamingMode
+from tests.conftest import alive, async_wait_until
 
 PY = shlex.quote(sys.executable)
 BASE_ENV = {"PATH": "/usr/bin:/bin", "FROM_WATCHDOG": "yes"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)  # polling interval
 
 
 def script(tmp_path: Path, body: str) -> str:
@@ -158,7 +143,7 @@ def test_failure_before_output_is_500(run) -> None:  # type: ignore[no-untyped-d
             resp = await client.get("/")
             assert resp.status == 500
             assert "exit status 3" in await resp.text()
-            await until(lambda: "oops" in err.getvalue(), what="stderr forwarded")
+            await async_wait_until(lambda: "oops" in err.getvalue(), what="stderr forwarded")
 
     run(main())
 
@@ -207,7 +192,7 @@ def test_timeout_before_output_kills_the_group_and_is_500(run, tmp_path: Path) -
             assert "exec_timeout" in await resp.text()
             assert time.monotonic() - started < 5
             grandchild = int(pidfile.read_text())
-            await until(lambda: not alive(grandchild), what="grandchild killed")
+            await async_wait_until(lambda: not alive(grandchild), what="grandchild killed")
 
     run(main())
 
@@ -245,11 +230,12 @@ def test_client_disconnect_kills_the_child(run, tmp_path: Path) -> None:  # type
             reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            await until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="child")
+            await async_wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                                   what="child")
             pid = int(pidfile.read_text())
             writer.close()
-            await until(lambda: not alive(pid), what="child killed after disconnect")
-            await until(lambda: len(mode._children) == 0, what="child reaped")
+            await async_wait_until(lambda: not alive(pid), what="child killed after disconnect")
+            await async_wait_until(lambda: len(mode._children) == 0, what="child reaped")
 
     run(main())
 
@@ -273,7 +259,8 @@ def test_huge_stderr_line_is_split_and_forwarding_goes_on(run) -> None:  # type:
             resp = await client.get("/")
             assert resp.status == 200
             assert await resp.read() == b"ok\n"
-            await until(lambda: "after\n" in err.getvalue(), what="stderr after the long line")
+            await async_wait_until(lambda: "after\n" in err.getvalue(),
+                                   what="stderr after the long line")
             lines = err.getvalue().splitlines()
             assert lines[:300] == ["e" * 1000] * 300
             assert lines[300] == "after"

@@ -12,17 +12,9 @@ import pytest
 import uvloop
 
 from fwatchdog.process import Children, SpawnError, spawn
+from tests.conftest import alive
 
 PY = sys.executable
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
 
 
 async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
