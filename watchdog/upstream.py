@@ -193,10 +193,14 @@ class Response:
 
 
 class Pool:
+    """Keep-alive connections to one upstream: ``host:port``, or a Unix socket at
+    ``unix_path`` (mode=llm's handler processes), which then wins over host and port."""
+
     def __init__(self, host: str, port: int, *, idle_timeout: float = 1.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, unix_path: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self.tls = tls
         self.idle_timeout = idle_timeout
         self._idle: collections.deque[_Conn] = collections.deque()
@@ -204,10 +208,15 @@ class Pool:
 
     async def _connect(self) -> _Conn:
         try:
-            reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_HEAD,
-                                                           ssl=self.tls)
+            if self.unix_path is not None:
+                reader, writer = await asyncio.open_unix_connection(self.unix_path,
+                                                                    limit=MAX_HEAD)
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port,
+                                                               limit=MAX_HEAD, ssl=self.tls)
         except OSError as exc:
-            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise ConnectFailed(f"cannot connect to {where}: {exc}") from exc
         return _Conn(reader, writer)
 
     def _acquire_idle(self) -> _Conn | None:

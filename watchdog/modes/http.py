@@ -128,11 +128,14 @@ def _internal(status: int, started: float, text: str = "") -> web.Response:
 
 
 class HttpMode(ModeHandler):
-    def __init__(self, ctx: ModeContext) -> None:
+    def __init__(self, ctx: ModeContext, upstream_url: str | None = None) -> None:
+        """``upstream_url`` overrides the configured one (mode=llm proxies to Unix
+        sockets through :meth:`forward` and passes a placeholder origin)."""
         super().__init__(ctx)
         cfg = ctx.config
-        assert cfg.upstream_url is not None  # config guarantees it in mode=http
-        self._base = cfg.upstream_url
+        base = upstream_url or cfg.upstream_url
+        assert base is not None  # config guarantees it in mode=http
+        self._base = base
         parts = urlsplit(self._base)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -289,9 +292,12 @@ class HttpMode(ModeHandler):
         return self._prefix + raw
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward(request, self._pool)
+
+    async def forward(self, request: web.Request, pool: Pool | None) -> web.StreamResponse:
+        """Proxy one request to the upstream behind ``pool`` (mode=llm passes a handler's)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        pool = self._pool
         if pool is None:
             return _internal(503, started, "function not started")
         headers = request.headers
