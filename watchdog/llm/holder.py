@@ -29,6 +29,7 @@ end of the control channel closes; nothing here forks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -110,6 +111,9 @@ class HolderProcess:
             wire.send(self.control, {"event": "unavailable", "reason": str(exc)})
             return 0
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A holder that died leaves its socket behind in the runtime's private folder.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
         old = os.umask(0o177)
         try:
             listener.bind(self.socket_path)

@@ -510,6 +510,14 @@ class Runtime:
                              state=h.state.value))
         self.notify()
 
+    def lost(self, h: Handler, why: str) -> None:
+        """A handler that cannot be reached any more: make sure it is gone."""
+        if h.gone:
+            return
+        self.log.info(kv("handler_unreachable", id=h.id, pid=h.pid, error=why))
+        self._signal(h, signal.SIGKILL)
+        self._gone(h)
+
     def _signal(self, h: Handler, sig: signal.Signals) -> None:
         if h.pid is None or h.gone:
             return

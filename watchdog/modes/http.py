@@ -128,6 +128,9 @@ def _internal(status: int, started: float, text: str = "") -> web.Response:
 
 
 class HttpMode(ModeHandler):
+    # The answer when the function fails before its response head: of-watchdog's 500.
+    upstream_failed_status = 500
+
     def __init__(self, ctx: ModeContext, upstream_url: str | None = None) -> None:
         """``upstream_url`` overrides the configured one (mode=llm proxies to Unix
         sockets through :meth:`forward` and passes a placeholder origin)."""
@@ -342,7 +345,7 @@ class HttpMode(ModeHandler):
             return _internal(504, started)
         except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
             self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
-            return _internal(502 if stream else 500, started)
+            return _internal(502 if stream else self.upstream_failed_status, started)
         try:
             return await self._relay(request, upstream, started, stream, seconds, deadline)
         finally:

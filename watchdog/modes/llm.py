@@ -31,6 +31,7 @@ from fwatchdog.llm.metrics import LlmMetrics
 from fwatchdog.llm.runtime import NotReady, Runtime
 from fwatchdog.modes.base import STARTED_RESPONSE_KEY, ModeContext
 from fwatchdog.modes.http import INTERNAL, HttpMode
+from fwatchdog.upstream import ConnectFailed
 
 # Placeholder origin for http mode's machinery: requests go to Unix sockets, and the
 # client's Host header is passed on unchanged.
@@ -38,6 +39,10 @@ ORIGIN = "http://localhost"
 
 
 class LlmMode(HttpMode):
+    # A handler process that dies before its answer is a bad gateway, not the
+    # function's own error (of-watchdog's http mode says 500).
+    upstream_failed_status = 502
+
     def __init__(self, ctx: ModeContext) -> None:
         super().__init__(ctx, upstream_url=ORIGIN)
         names: dict[str, Runtime] = {}
@@ -74,14 +79,23 @@ class LlmMode(HttpMode):
         limit = self._limit_for(request)
         wait = limit or self.ctx.config.start_timeout
         deadline = self.runtime.clock() + wait
-        try:
-            h = await self.runtime.lease(deadline)
-        except NotReady as exc:
-            self._count("unavailable")
-            resp = web.Response(status=503, text=f"{exc}\n")
-            resp.headers[INTERNAL] = "of-watchdog"
-            resp.headers["Retry-After"] = "1"
-            return resp
+        while True:
+            try:
+                h = await self.runtime.lease(deadline)
+            except NotReady as exc:
+                self._count("unavailable")
+                resp = web.Response(status=503, text=f"{exc}\n")
+                resp.headers[INTERNAL] = "of-watchdog"
+                resp.headers["Retry-After"] = "1"
+                return resp
+            assert h.pool is not None
+            try:
+                await h.pool.prime()
+                break
+            except ConnectFailed as exc:
+                # Dead a moment ago, its end not yet seen: nothing was sent, try another.
+                self.runtime.done(h)
+                self.runtime.lost(h, str(exc))
         waited = time.perf_counter() - started
         timed_out = False
         outcome = "ok"
