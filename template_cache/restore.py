@@ -7,16 +7,17 @@ template.
 Invariants:
 - Wrong weights are impossible, a slow start is acceptable: the template is used only
   when its manifest is sound, its fingerprint matches this environment, and its
-  files hash to what the manifest says (or a holder that checked them hands out the
-  bytes). Otherwise nothing is intercepted and the start-up runs the ordinary way;
+  files' bytes match the manifest's per-tensor and rest checksums (checked by
+  several threads, stream.py), or a holder that checked them hands out the bytes.
+  Otherwise nothing is intercepted and the start-up runs the ordinary way;
   `stats.rejected` and a `template_rejected` log line say why.
 - A load whose key was not traced runs the original loader (a miss); one the trace
   listed as skipped (dynamic, or not restorable) runs it too (`skipped`). Both are
   counted and logged. A served load that cannot be rebuilt falls
   back to the original loader too.
 - Tensors come back on the device the traced loader returned them on. Unmutated ones
-  are zero-copy views of shared memory (file mmaps or a holder's buffer); tensors the
-  samples mutated are private copies.
+  are zero-copy views of shared memory (file mmaps or a holder's buffer), listed in
+  `stats.shared_tensors`; tensors the samples mutated are private copies.
 - CPU file views are copy-on-write mappings: a handler writing to a weight changes
   only its own pages, never the files or other handlers.
 """
@@ -28,9 +29,9 @@ import importlib
 import logging
 import mmap
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,9 @@ from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
 from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
 from fwatchdog.template_cache.module_state import apply_attributes
+from fwatchdog.template_cache.stream import Verify, check_files
 from fwatchdog.template_cache.tensors import view_tensor
 from fwatchdog.template_cache.verify import read_manifest, structure_problems
-from fwatchdog.template_cache.writer import sha256_file
 
 LOG = logging.getLogger("fwatchdog.template_cache")
 
@@ -58,6 +59,25 @@ class TensorSource(Protocol):
     def tensor(self, entry: TensorEntry) -> torch.Tensor: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A served tensor object that is a view of the source's bytes (a holder's buffer
+    or a file mapping): a Parameter, a buffer or a dict value. The runtime uses these
+    to point the objects at a new buffer after a reload (`repoint`)."""
+
+    entry: TensorEntry  # where its bytes are in the template
+    load_key: str  # the load that returned it
+    local_name: str  # its name in that load (parameter, buffer or dict key)
+    ref: weakref.ref[torch.Tensor]  # None once the function dropped it
+
+    @property
+    def index_name(self) -> str:
+        return self.entry.name
+
+    def tensor(self) -> torch.Tensor | None:
+        return self.ref()
 
 
 @dataclass
@@ -74,6 +94,9 @@ class RestoreStats:
     check_s: float = 0.0  # manifest, fingerprint and file hashes
     served_s: float = 0.0  # inside served loads (model skeleton, views)
     miss_reasons: list[str] = field(default_factory=list)
+    # Served objects that alias the source's bytes (not private copies), one per
+    # tensor object (tied weights: one Parameter, listed under its first name).
+    shared_tensors: list[SharedTensor] = field(default_factory=list)
 
 
 class MappedFiles:
@@ -107,8 +130,10 @@ def manifest_sha256(template_dir: Path) -> str:
 
 
 def check_template(template_dir: Path, function_dir: Path | None,
-                   source: TensorSource | None, hash_files: bool = True) -> Manifest:
-    """The manifest when this template may be used here; TemplateError saying why not."""
+                   source: TensorSource | None, verify: bool | str = True) -> Manifest:
+    """The manifest when this template may be used here; TemplateError saying why not.
+    `verify` says how the files' bytes are checked (stream.Verify); a verified source
+    (a holder's buffer) needs no check of the files."""
     manifest = read_manifest(template_dir)
     problems = structure_problems(manifest, template_dir, function_dir)
     if problems:
@@ -122,25 +147,24 @@ def check_template(template_dir: Path, function_dir: Path | None,
             raise TemplateError("the attached buffer holds another template")
         if source.verified:
             return manifest
-    if hash_files:
-        paths = [entry.resolve(template_dir, function_dir) for entry in manifest.files]
-        # hashlib and file reads release the GIL: shards hash in parallel.
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-            digests = list(pool.map(sha256_file, paths))
-        for entry, digest in zip(manifest.files, digests, strict=True):
-            if digest != entry.sha256:
-                raise TemplateError(f"file {entry.id} ({entry.path}) changed since the trace")
+    mode = Verify.of(verify)
+    if mode is not Verify.NONE:
+        paths = {entry.id: entry.resolve(template_dir, function_dir) for entry in manifest.files}
+        check_files(manifest, paths, mode)
     return manifest
 
 
 @contextmanager
 def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | None = None,
-            hash_files: bool = True) -> Iterator[RestoreStats]:
+            verify: bool | str = True) -> Iterator[RestoreStats]:
+    """Serve the traced loads of the start-up run inside this context from the
+    template: from `source` (a holder's AttachedBuffer) or from the files, which are
+    then checked as `verify` says ("full" by default, "quick" opt-in)."""
     template_dir = Path(template_dir)
     stats = RestoreStats(template=str(template_dir))
     started = time.perf_counter()
     try:
-        manifest = check_template(template_dir, function_dir, source, hash_files)
+        manifest = check_template(template_dir, function_dir, source, verify)
     except Exception as exc:  # noqa: BLE001 - any doubt about the template: ordinary start
         stats.check_s = time.perf_counter() - started
         stats.rejected = str(exc)
@@ -218,14 +242,23 @@ class _Server:
         self._stats.miss_reasons.append(f"{loader.value}: {reason}")
         LOG.info("template_miss loader=%s key=%s reason=%r", loader.value, key, reason)
 
-    def tensor(self, load: dict[str, Any], index_name: str) -> torch.Tensor:
+    def tensor(self, load: dict[str, Any], index_name: str) -> tuple[torch.Tensor, bool]:
+        """(the tensor, whether it is a view of the source's bytes)."""
         entry = self._entries[index_name]
         shared = self._source.tensor(entry)
         tensor = shared if str(shared.device) == load["device"] else shared.to(load["device"])
-        if entry.mutated and tensor.data_ptr() == shared.data_ptr():
-            tensor = tensor.clone()  # the function writes to it: never share it
+        aliased = tensor.data_ptr() == shared.data_ptr() and tensor.device == shared.device
+        if entry.mutated and aliased:
+            tensor, aliased = tensor.clone(), False  # the function writes to it: never share
         self._stats.tensors_served += 1
-        return tensor
+        return tensor, aliased
+
+    def share(self, load: dict[str, Any], local: str, index_name: str, obj: torch.Tensor,
+              aliased: bool) -> torch.Tensor:
+        if aliased and self._entries[index_name].nbytes:
+            self._stats.shared_tensors.append(SharedTensor(
+                self._entries[index_name], load["key"], local, weakref.ref(obj)))
+        return obj
 
     def _mapping(self, load: dict[str, Any]) -> dict[str, torch.Tensor]:
         if load["device"] == "mixed":
@@ -233,7 +266,8 @@ class _Server:
         container: dict[str, torch.Tensor] = (
             OrderedDict() if load.get("container") == "OrderedDict" else {})
         for local, index_name in load["tensors"].items():
-            container[local] = self.tensor(load, index_name)
+            tensor, aliased = self.tensor(load, index_name)
+            container[local] = self.share(load, local, index_name, tensor, aliased)
         return container
 
     def _model(self, load: dict[str, Any]) -> Any:
@@ -254,14 +288,16 @@ class _Server:
         for local in params:
             index_name = load["tensors"][local]
             if index_name not in made:  # tied weights: one Parameter for every name
-                made[index_name] = torch.nn.Parameter(self.tensor(load, index_name),
-                                                      requires_grad=index_name in grads)
+                tensor, aliased = self.tensor(load, index_name)
+                made[index_name] = self.share(load, local, index_name, torch.nn.Parameter(
+                    tensor, requires_grad=index_name in grads), aliased)
             module, leaf = _owner(model, local)
             module._parameters[leaf] = made[index_name]
         for local in buffers:
             index_name = load["tensors"][local]
             if index_name not in made:
-                made[index_name] = self.tensor(load, index_name)
+                tensor, aliased = self.tensor(load, index_name)
+                made[index_name] = self.share(load, local, index_name, tensor, aliased)
             module, leaf = _owner(model, local)
             module._buffers[leaf] = made[index_name]
         if info.get("generation_config") is not None:
@@ -299,10 +335,29 @@ class _ServedSafeOpen:
         if index_name is None:
             self._server._miss(Loader.SAFE_OPEN, self._load["key"], f"tensor {name} not traced")
             return self._file().get_tensor(name)
-        return self._server.tensor(self._load, index_name)
+        tensor, aliased = self._server.tensor(self._load, index_name)
+        return self._server.share(self._load, name, index_name, tensor, aliased)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._file(), attr)
+
+
+def repoint(shared: Iterable[SharedTensor], source: TensorSource) -> int:
+    """Point every still-alive served object at the same tensor in `source` (a new
+    buffer after a holder's reload): `obj.data = view`, so Parameters, tied weights
+    and every reference to them stay the same objects. Returns how many moved.
+    TemplateError if `source` holds another template or lacks a tensor."""
+    moved = 0
+    for item in shared:
+        obj = item.tensor()
+        if obj is None:
+            continue
+        view = source.tensor(item.entry)
+        if view.shape != obj.shape or view.dtype != obj.dtype:
+            raise TemplateError(f"tensor {item.index_name} differs in the new source")
+        obj.data = view if view.device == obj.device else view.to(obj.device)
+        moved += 1
+    return moved
 
 
 def build_skeleton(info: dict[str, Any]) -> torch.nn.Module:
