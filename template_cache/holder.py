@@ -431,6 +431,7 @@ class Holder:
                 self._ipc_counter = None
             self._cuda = None
             torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
         LOG.info("template_hold_released template=%s device=%s kind=%s generation=%d",
                  self.template_dir, self.device, kind, self._generation)
 

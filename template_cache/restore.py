@@ -15,9 +15,14 @@ Invariants:
   listed as skipped (dynamic, or not restorable) runs it too (`skipped`). Both are
   counted and logged. A served load that cannot be rebuilt falls
   back to the original loader too.
-- Tensors come back on the device the traced loader returned them on. Unmutated ones
-  are zero-copy views of shared memory (file mmaps or a holder's buffer), listed in
-  `stats.shared_tensors`; tensors the samples mutated are private copies.
+- Tensors come back on the device the running call asks for (its `device_map`,
+  `device` or `map_location`, which the key leaves out), never the traced literal:
+  "cuda" and a device_map strategy ("auto") mean the holder's GPU when the source
+  is one, else the current GPU ("auto" with several visible GPUs, which would split
+  the model, is a miss); no device argument means the loader's default. Unmutated
+  tensors already on that device are zero-copy views of shared memory (file mmaps
+  or a holder's buffer), listed in `stats.shared_tensors`; tensors the samples
+  mutated are private copies.
 - CPU file views are copy-on-write mappings: a handler writing to a weight changes
   only its own pages, never the files or other handlers.
 """
@@ -41,7 +46,15 @@ import torch
 
 from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
-from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
+from fwatchdog.template_cache.intercept import (
+    DEVICE_MAP_STRATEGIES,
+    Loader,
+    call_key,
+    device_argument,
+    intercept_loaders,
+    path_first,
+    single_device,
+)
 from fwatchdog.template_cache.module_state import apply_attributes
 from fwatchdog.template_cache.stream import Verify, check_files
 from fwatchdog.template_cache.tensors import view_tensor
@@ -221,12 +234,13 @@ class _Server:
             return original(*args, **kwargs)
         started = time.perf_counter()
         try:
+            device = self._target(loader, load, args, kwargs)
             if loader is Loader.FROM_PRETRAINED:
-                result: Any = self._model(load)
+                result: Any = self._model(load, device)
             elif loader is Loader.SAFE_OPEN:
-                result = _ServedSafeOpen(self, load, original, args, kwargs)
+                result = _ServedSafeOpen(self, load, device, original, args, kwargs)
             else:
-                result = self._mapping(load)
+                result = self._mapping(load, device)
         except Exception as exc:  # noqa: BLE001 - never fail a start-up: load normally
             self._miss(loader, key, str(exc) if isinstance(exc, _Miss) else repr(exc))
             return original(*args, **kwargs)
@@ -242,11 +256,41 @@ class _Server:
         self._stats.miss_reasons.append(f"{loader.value}: {reason}")
         LOG.info("template_miss loader=%s key=%s reason=%r", loader.value, key, reason)
 
-    def tensor(self, load: dict[str, Any], index_name: str) -> tuple[torch.Tensor, bool]:
-        """(the tensor, whether it is a view of the source's bytes)."""
+    def _target(self, loader: Loader, load: dict[str, Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> torch.device:
+        """The device the running call asks for (module doc)."""
+        if load["device"] == "mixed":
+            raise _Miss("tensors on several devices")
+        given, value = device_argument(loader, *path_first(args, kwargs))
+        if not given or value is None:
+            if loader is Loader.TORCH_LOAD:  # the locations saved in the file
+                return torch.device(load["device"])
+            if loader is Loader.FROM_PRETRAINED:  # a `with torch.device(...)` block
+                return torch.get_default_device()
+            return torch.device("cpu")
+        name = single_device(value)
+        if name is None:  # a literal in the key: the traced placement
+            return torch.device(load["device"])
+        held = getattr(self._source, "device", None)
+        held_cuda = isinstance(held, torch.device) and held.type == "cuda"
+        if name == "cuda" or name in DEVICE_MAP_STRATEGIES:
+            if name != "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+                raise _Miss(f"device_map={name!r} over {torch.cuda.device_count()} GPUs"
+                            " would split the model")
+            if held_cuda:
+                assert isinstance(held, torch.device)
+                return held
+            if name == "cuda" or torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        return torch.device(name)
+
+    def tensor(self, load: dict[str, Any], index_name: str, device: torch.device
+               ) -> tuple[torch.Tensor, bool]:
+        """(the tensor on `device`, whether it is a view of the source's bytes)."""
         entry = self._entries[index_name]
         shared = self._source.tensor(entry)
-        tensor = shared if str(shared.device) == load["device"] else shared.to(load["device"])
+        tensor = shared if shared.device == device else shared.to(device)
         aliased = tensor.data_ptr() == shared.data_ptr() and tensor.device == shared.device
         if entry.mutated and aliased:
             tensor, aliased = tensor.clone(), False  # the function writes to it: never share
@@ -260,19 +304,15 @@ class _Server:
                 self._entries[index_name], load["key"], local, weakref.ref(obj)))
         return obj
 
-    def _mapping(self, load: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if load["device"] == "mixed":
-            raise _Miss("tensors on several devices")
+    def _mapping(self, load: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         container: dict[str, torch.Tensor] = (
             OrderedDict() if load.get("container") == "OrderedDict" else {})
         for local, index_name in load["tensors"].items():
-            tensor, aliased = self.tensor(load, index_name)
+            tensor, aliased = self.tensor(load, index_name, device)
             container[local] = self.share(load, local, index_name, tensor, aliased)
         return container
 
-    def _model(self, load: dict[str, Any]) -> Any:
-        if load["device"] == "mixed":
-            raise _Miss("tensors on several devices")
+    def _model(self, load: dict[str, Any], device: torch.device) -> Any:
         info = load["model"]
         try:
             model: Any = build_skeleton(info)
@@ -288,7 +328,7 @@ class _Server:
         for local in params:
             index_name = load["tensors"][local]
             if index_name not in made:  # tied weights: one Parameter for every name
-                tensor, aliased = self.tensor(load, index_name)
+                tensor, aliased = self.tensor(load, index_name, device)
                 made[index_name] = self.share(load, local, index_name, torch.nn.Parameter(
                     tensor, requires_grad=index_name in grads), aliased)
             module, leaf = _owner(model, local)
@@ -296,7 +336,7 @@ class _Server:
         for local in buffers:
             index_name = load["tensors"][local]
             if index_name not in made:
-                tensor, aliased = self.tensor(load, index_name)
+                tensor, aliased = self.tensor(load, index_name, device)
                 made[index_name] = self.share(load, local, index_name, tensor, aliased)
             module, leaf = _owner(model, local)
             module._buffers[leaf] = made[index_name]
@@ -312,10 +352,12 @@ class _Server:
 class _ServedSafeOpen:
     """safe_open's handle: traced tensors from the template, others from the real file."""
 
-    def __init__(self, server: _Server, load: dict[str, Any], original: Callable[..., Any],
-                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, server: _Server, load: dict[str, Any], device: torch.device,
+                 original: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
         self._server = server
         self._load = load
+        self._device = device
         self._open = lambda: original(*args, **kwargs)
         self._real: Any = None
 
@@ -335,7 +377,7 @@ class _ServedSafeOpen:
         if index_name is None:
             self._server._miss(Loader.SAFE_OPEN, self._load["key"], f"tensor {name} not traced")
             return self._file().get_tensor(name)
-        tensor, aliased = self._server.tensor(self._load, index_name)
+        tensor, aliased = self._server.tensor(self._load, index_name, self._device)
         return self._server.share(self._load, name, index_name, tensor, aliased)
 
     def __getattr__(self, attr: str) -> Any:

@@ -58,7 +58,8 @@ def make_tiny_llama(function_dir: Path, seed: int = 0, handler: str = TINY_HANDL
 
 def run_start(function_dir: Path, out_dir: Path, template: Path | None = None,
               attach: Path | None = None, timeout: float = 240,
-              fds: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+              fds: list[int] | tuple[int, ...] = (),
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     """One start-up in a fresh process; returns its result.json. `fds` (a holder's
     memfd) are inherited by the child under the same numbers."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +71,8 @@ def run_start(function_dir: Path, out_dir: Path, template: Path | None = None,
     for fd in fds:
         command += ["--attach-fd", str(fd)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                            pass_fds=tuple(fds))
+                            check=False, pass_fds=tuple(fds),
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     if result.returncode != 0:
         raise AssertionError(f"start failed ({result.returncode}):\n{result.stderr[-4000:]}")
     data: dict[str, Any] = json.loads((out_dir / "result.json").read_text())
@@ -79,10 +80,12 @@ def run_start(function_dir: Path, out_dir: Path, template: Path | None = None,
     return data
 
 
-def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300) -> str:
+def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=timeout, check=False)
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise AssertionError(f"tracer failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout

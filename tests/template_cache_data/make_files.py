@@ -26,8 +26,10 @@ FINGERPRINT = {
     "torch": "2.13.0",
     "transformers": "5.24.0",
     "safetensors": "0.8.0",
+    "libraries": {"accelerate": "1.14.0", "gguf": "0.19.0", "flash-attn": None, "kernels": None,
+                  "bitsandbytes": None, "numpy": "2.4.4"},
     "machine": "x86_64",
-    "accelerator": {"kind": "cpu", "cuda": None, "devices": []},
+    "accelerator": {"kind": "cpu", "cuda": None, "gpus": []},
 }
 # Fixed tensors: (name, dtype, shape, raw little-endian bytes).
 TENSORS = [

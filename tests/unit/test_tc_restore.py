@@ -216,7 +216,8 @@ def test_a_load_that_cannot_be_served_falls_back(tmp_path: Path) -> None:
     template, _ = _trace(function_dir, tmp_path / "t")
     manifest = json.loads((template / "manifest.json").read_text())
     manifest["loads"][0]["container"] = "weird"
-    manifest["loads"][0]["device"] = "no-such-device"
+    # torch.load without map_location restores to the traced locations: a bad one.
+    manifest["loads"][2]["device"] = "no-such-device"
     (template / "manifest.json").write_bytes(dumps_manifest(manifest))
     expected = _loads(function_dir)
     with restore(template, function_dir) as stats:
