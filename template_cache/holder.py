@@ -299,7 +299,7 @@ class _CudaBuffer:
         ring = self._ring()
         pinned, event, _, _ = ring["pending"]
         assert self.tensor is not None
-        with torch.cuda.stream(ring["stream"]):
+        with torch.cuda.device(self.device), torch.cuda.stream(ring["stream"]):
             self.tensor[offset : offset + length].copy_(pinned[:length], non_blocking=True)
             event.record(ring["stream"])
         ring["next"] = (ring["next"] + 1) % RING_SLOTS
@@ -307,13 +307,22 @@ class _CudaBuffer:
     def finish(self) -> None:
         for ring in self._rings:
             ring["stream"].synchronize()
-        self._rings.clear()  # the pinned ring is freed: never keep the model pinned
         torch.cuda.synchronize(self.device)
+        self._free_ring()
+
+    def _free_ring(self) -> None:
+        """The pinned ring goes back to the system, not to torch's pinned-memory cache:
+        nothing stays pinned after a fill. (The readers' thread-local references died
+        with the reader threads.)"""
+        self._rings.clear()
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
 
     def discard(self) -> None:
         for ring in self._rings:
             ring["stream"].synchronize()
-        self._rings.clear()
+        self._free_ring()
         self.tensor = None
         torch.cuda.empty_cache()
 

@@ -99,6 +99,7 @@ class _Progress:
     left: dict[str, int] = field(default_factory=dict)
     failure: BaseException | None = None
     hashed: int = 0
+    files: dict[str, str] = field(default_factory=dict)  # file id -> manifest path
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, error: BaseException) -> None:
@@ -122,7 +123,7 @@ def fill(manifest: Manifest, paths: dict[str, Path], offsets: dict[str, int] | N
     """Read every tensor into `sink`, checking as `mode` says; returns the bytes hashed.
     `offsets` places each tensor in the sink's buffer (None: at its file offset)."""
     descriptors: dict[str, int] = {}
-    progress = _Progress()
+    progress = _Progress(files={f.id: f.path for f in manifest.files})
     try:
         for file_id, path in paths.items():
             descriptors[file_id] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -214,8 +215,9 @@ def _copy_unit(unit: _Unit, sink: Sink, progress: _Progress, paths: dict[str, Pa
 def _check_tensor(entry: TensorEntry, digests: list[bytes], progress: _Progress) -> None:
     if checksum.combine(digests) != entry.xxh3:
         progress.fail(TemplateError(
-            f"tensor {entry.name}: its bytes in file {entry.file} do not match the template's"
-            " checksum (changed since the trace)"))
+            f"tensor {entry.name}: its bytes in file {entry.file}"
+            f" ({progress.files.get(entry.file, '?')}) do not match the template's checksum"
+            " (changed since the trace)"))
 
 
 def _check_rest(manifest: Manifest, file_id: str, fd: int, progress: _Progress) -> None:

@@ -233,3 +233,57 @@ def test_handle_info_round_trips_plain_json(tmp_path: Path) -> None:
     raw = json.loads(info.to_json())
     assert raw["kind"] == "memfd" and raw["ipc_handle"] is None
     assert HandleInfo.from_json(info.to_json()) == info
+
+
+HOLDER_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from fwatchdog.template_cache.holder import hold
+holder = hold(Path(sys.argv[1]), Path(sys.argv[2]))
+print(json.dumps({"info": holder.info.to_json(), "fd": holder.fds()[0]}), flush=True)
+sys.stdin.read()  # until the test closes stdin (or kills us)
+"""
+
+HANDLER_SCRIPT = """
+import os, sys
+from fwatchdog.template_cache.holder import HandleInfo, attach
+from fwatchdog.template_cache.verify import read_manifest
+from pathlib import Path
+source = attach(HandleInfo.from_json(sys.argv[2]), [int(sys.argv[3])])
+entry = read_manifest(Path(sys.argv[1])).tensors[0]
+print(float(source.tensor(entry).float().sum()), flush=True)
+os.kill(os.getpid(), 9)  # dies while attached
+"""
+
+
+def test_holder_and_handler_deaths(tmp_path: Path) -> None:
+    """A handler that dies while attached leaves the holder serving; a holder that
+    dies leaves attached handlers reading their mapping (the memfd lives on)."""
+    function_dir = _function(tmp_path)
+    template = _trace(function_dir, tmp_path / "t")
+    expected = _load(function_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(template),
+                               str(function_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        started = json.loads(holder.stdout.readline())
+        fd = os.open(f"/proc/{holder.pid}/fd/{started['fd']}", os.O_RDONLY)
+        info = HandleInfo.from_json(started["info"])
+        handler = subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(template),
+                                  started["info"], str(fd)], pass_fds=(fd,),
+                                 capture_output=True, text=True, timeout=120, check=False)
+        assert handler.returncode == -9, handler.stderr
+        assert holder.poll() is None  # the holder did not notice
+        source = attach(info, [fd])
+        os.close(fd)
+        with restore(template, function_dir, source=source) as stats:
+            served = _load(function_dir)
+        assert stats.hits == 1
+        holder.kill()
+        holder.wait(30)
+        assert torch.equal(served["big"], expected["big"])
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(30)
