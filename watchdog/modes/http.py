@@ -128,6 +128,9 @@ def _internal(status: int, started: float, text: str = "") -> web.Response:
 
 
 class HttpMode(ModeHandler):
+    # The answer when the function fails before its response head: of-watchdog's 500.
+    upstream_failed_status = 500
+
     def __init__(self, ctx: ModeContext, upstream_url: str | None = None) -> None:
         """``upstream_url`` overrides the configured one (mode=llm proxies to Unix
         sockets through :meth:`forward` and passes a placeholder origin)."""
@@ -281,6 +284,10 @@ class HttpMode(ModeHandler):
                 return wanted
         return limit
 
+    def stream_error_event(self, content_type: str) -> bytes | None:
+        """Bytes written to a stream the upstream broke off, before the cut; None here."""
+        return None
+
     def _target(self, request: web.Request) -> str:
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
@@ -338,7 +345,7 @@ class HttpMode(ModeHandler):
             return _internal(504, started)
         except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
             self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
-            return _internal(502 if stream else 500, started)
+            return _internal(502 if stream else self.upstream_failed_status, started)
         try:
             return await self._relay(request, upstream, started, stream, seconds, deadline)
         finally:
@@ -429,7 +436,12 @@ class HttpMode(ModeHandler):
                 self.ctx.log.info(kv("upstream_cut", uri=request.raw_path, sent=sent,
                                      error=repr(exc)))
             upstream.close()
-            # Headers are out: cut the connection so the client sees the truncation.
+            # Headers are out: cut the connection so the client sees the truncation,
+            # after a last event saying why when the mode has one for this stream.
+            tail = self.stream_error_event(headers.get("Content-Type", ""))
+            if tail is not None and request.transport is not None:
+                with contextlib.suppress(Exception):
+                    await out.write(tail)
             if request.transport is not None:
                 request.transport.close()
         out[BODY_BYTES_KEY] = sent
