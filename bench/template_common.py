@@ -3,7 +3,7 @@
 As a script it is one measured handler start-up in a fresh process:
 
     python bench/template_common.py start FUNCTION_DIR OUT.json [--template DIR]
-        [--attach INFO.json] [--device cpu|cuda]
+        [--attach INFO.json [--attach-fd N]] [--device cpu|cuda]
 
 Times are wall-clock seconds from the moment the parent spawned the process
 (`FWATCHDOG_BENCH_SPAWNED`, time.time()), so interpreter start and imports count.
@@ -28,17 +28,19 @@ PROMPT = list(range(1, 17))
 
 def measure_start(function_dir: Path, out: Path, template: Path | None = None,
                   attach: Path | None = None, device: str = "cpu",
-                  timeout: float = 600) -> dict[str, Any]:
+                  timeout: float = 600, fds: tuple[int, ...] = ()) -> dict[str, Any]:
     command = [sys.executable, str(HERE), "start", str(function_dir), str(out),
                "--device", device]
     if template is not None:
         command += ["--template", str(template)]
     if attach is not None:
         command += ["--attach", str(attach)]
+    for fd in fds:  # a CPU holder's memfd, inherited under the same number
+        command += ["--attach-fd", str(fd)]
     env = {**os.environ, "FWATCHDOG_BENCH_SPAWNED": repr(time.time()),
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
+                          check=False, pass_fds=fds)
     if done.returncode != 0:
         raise RuntimeError(f"start-up failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -116,6 +118,7 @@ def _start(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--template", type=Path)
     parser.add_argument("--attach", type=Path)
+    parser.add_argument("--attach-fd", type=int, action="append", default=[])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -146,7 +149,7 @@ def _start(argv: list[str]) -> int:
 
             info = HandleInfo.from_json(args.attach.read_text())
             before = time.perf_counter()
-            source = attach(info)
+            source = attach(info, args.attach_fd)
             result["attach_s"] = time.perf_counter() - before
         with restore(args.template.resolve(), function_dir, source=source) as stats:
             handler = import_handler(function_dir)

@@ -95,6 +95,11 @@ def parse_sample(name: str, raw: dict[str, Any]) -> Sample:
                   body=data, query=dict(raw.get("query", {})))
 
 
+def uses_default_samples(function_dir: Path, explicit: list[Path] | None = None) -> bool:
+    """True when the function gave no samples (no --sample, no samples/*.json)."""
+    return not explicit and not any((function_dir / SAMPLES_DIR).glob("*.json"))
+
+
 def load_samples(function_dir: Path, explicit: list[Path] | None = None) -> list[Sample]:
     files = list(explicit or sorted((function_dir / SAMPLES_DIR).glob("*.json")))
     if files:
