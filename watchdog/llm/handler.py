@@ -81,7 +81,7 @@ def attach(holder_path: str) -> Any:
         raise RuntimeError(f"the holder has no buffer: {message.get('reason', message)}")
     info = tc_holder.HandleInfo.from_json(message["info"])
     try:
-        source = tc_holder.attach(info, fds) if fds else tc_holder.attach(info)
+        source = tc_holder.attach(info, fds)
     finally:
         for fd in fds:
             os.close(fd)

@@ -138,8 +138,7 @@ class HolderProcess:
                         self.on_peer(key.fileobj)  # type: ignore[arg-type]
         finally:
             listener.close()
-            if self.holder is not None:
-                self.holder.close()
+            self.holder.close()
 
     def on_control(self) -> bool:
         try:
@@ -157,25 +156,25 @@ class HolderProcess:
             self.maybe_release()
         elif op == "reload":
             self.release_pending = False
-            if self.holder is None:
+            seconds = 0.0
+            if not self.holder.loaded:
+                started = time.perf_counter()
                 try:
-                    seconds, size = self.load()
-                except Exception as exc:  # noqa: BLE001
+                    self.holder.reload()
+                except Exception as exc:  # noqa: BLE001 - told to the front, which recovers
+                    LOG.warning("holder_reload_failed reason=%r", str(exc))
                     wire.send(self.control, {"event": "unavailable", "reason": str(exc)})
                     return False
+                seconds = time.perf_counter() - started
                 set_title("fwatchdog: holder")
-                wire.send(self.control, {"event": "reloaded", "seconds": round(seconds, 4),
-                                         "bytes": size})
-            else:
-                wire.send(self.control, {"event": "reloaded", "seconds": 0.0,
-                                         "bytes": int(self.holder.info.size)})
+            wire.send(self.control, {"event": "reloaded", "seconds": round(seconds, 4),
+                                     "bytes": int(self.holder.info.size)})
         return True
 
     def maybe_release(self) -> None:
-        if not self.release_pending or self.peers or self.holder is None:
+        if not self.release_pending or self.peers or not self.holder.loaded:
             return
-        self.holder.close()
-        self.holder = None
+        self.holder.release()
         self.release_pending = False
         set_title("fwatchdog: holder released")
         LOG.info("holder_released")
@@ -214,12 +213,11 @@ class HolderProcess:
             os.close(fd)
         if message.get("op") != "attach":
             return
-        if self.holder is None or self.release_pending:
+        if not self.holder.loaded or self.release_pending:
             wire.send(conn, {"event": "unavailable", "reason": "the buffer is released"})
             return
-        info = self.holder.info
-        handle_fds = list(self.holder.fds()) if hasattr(self.holder, "fds") else []
-        wire.send(conn, {"event": "handle", "info": info.to_json()}, handle_fds)
+        wire.send(conn, {"event": "handle", "info": self.holder.info.to_json()},
+                  self.holder.fds())
         wire.send(self.control, {"event": "attached", "pid": self.peers.get(conn, 0)})
 
 
