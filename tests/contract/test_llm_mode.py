@@ -376,15 +376,36 @@ def test_idle_release_keeps_ready_and_a_request_wakes_it(
         llm: Callable[..., Watchdog]) -> None:
     wd = llm(llm_gpu_idle_timeout="1s")
     wait_warm(wd)
-    old = serving_pid(wd)
+    wait_until(lambda: len(titled(wd, "fwatchdog: handler ready")) == 2, timeout=START,
+               what="a serving handler and a spare")
+    before = get_json(wd, "/generate")
     wd.wait_output("event=gpu_released", timeout=30)
-    wait_until(lambda: not titled(wd, "fwatchdog: handler"), timeout=10,
-               what="every handler to exit on release")
+    # The handlers let go of the weights but stay, with their warm state.
+    kept = titled(wd, "fwatchdog: handler released")
+    assert len(kept) == 2 and before["pid"] in kept
     assert titled(wd, "fwatchdog: holder released")
     assert http_status(wd.url + "/_/ready") == 200  # it can answer: a request wakes it
+    after = get_json(wd, "/generate")
+    # A kept process answers (whichever mapped the buffer first), with the same weights.
+    assert after["pid"] in kept and after["tokens"] == before["tokens"]
+    assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="wake"') == 1
+    assert "event=handler_reattached" in wd.text()
+
+
+def test_idle_release_without_a_template_retires_the_handlers(
+        watchdog_factory: Callable[..., Watchdog], traced: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    wd = watchdog_factory({"mode": "llm", "function_dir": str(traced[0]),
+                           "template_dir": str(tmp_path / "none"), "llm_spares": "0",
+                           "llm_gpu_idle_timeout": "1s", "healthcheck_interval": "0s"})
+    wd.wait_ready()
+    wait_warm(wd)
+    old = serving_pid(wd)
+    wd.wait_output("event=gpu_released", timeout=30)
+    wait_until(lambda: not alive(old), timeout=10, what="the handler to exit on release")
+    assert http_status(wd.url + "/_/ready") == 200
     reply = get_json(wd, "/generate")
     assert reply["tokens"] and reply["pid"] != old
-    assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="wake"') == 1
 
 
 def test_sigterm_drains_the_request_in_flight_and_ends_every_process(

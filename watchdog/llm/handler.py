@@ -39,6 +39,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,64 @@ def _reseed() -> None:
         torch.seed()
 
 
+class Weights:
+    """What this handler maps of the holder's buffer, so it can let go of it while the
+    GPU is released and take the new buffer after a wake, keeping its process (its
+    CUDA context and loaded kernels) and every model object."""
+
+    def __init__(self, source: Any, shared: list[Any]) -> None:
+        self.source = source
+        self.shared = shared
+
+    def release(self) -> int:
+        """Point every served tensor at a one-element placeholder of its shape, then
+        drop the mapping and the holder connection: the holder may free the buffer."""
+        import torch
+
+        moved = 0
+        placeholders: dict[tuple[Any, Any], Any] = {}
+        for item in self.shared:
+            obj = item.tensor()
+            if obj is None:
+                continue
+            key = (obj.dtype, obj.device)
+            if key not in placeholders:
+                placeholders[key] = torch.zeros(1, dtype=obj.dtype, device=obj.device)
+            obj.data = placeholders[key].expand(obj.shape)
+            moved += 1
+        self._drop_source()
+        gc_and_empty_cache()
+        return moved
+
+    def reattach(self, holder_path: str) -> int:
+        from fwatchdog.template_cache.restore import repoint
+
+        self.source = attach(holder_path)
+        return repoint(self.shared, self.source)
+
+    def _drop_source(self) -> None:
+        source, self.source = self.source, None
+        if source is None:
+            return
+        connection = getattr(source, "_holder_connection", None)
+        source.close()
+        if connection is not None:
+            connection.close()
+
+
+def gc_and_empty_cache() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
-         report: Reporter) -> tuple[Any, dict[str, Any]]:
-    """Steps 1-3 of the module docstring; returns (function module, ready report)."""
+         report: Reporter) -> tuple[Any, dict[str, Any], Weights | None]:
+    """Steps 1-3 of the module docstring; returns (function module, ready report,
+    the mapped weights when the template served them)."""
     from fwatchdog.config import Warmup
     from fwatchdog.llm import warmup
     from fwatchdog.template_cache.restore import restore
@@ -109,6 +165,7 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     stats: dict[str, Any] = {"used": False, "rejected": spec.get("template_reason"),
                              "hits": 0, "misses": 0, "skipped": 0}
     source = None
+    weights: Weights | None = None
     if spec.get("holder"):
         report.state("attaching")
         started = time.perf_counter()
@@ -126,6 +183,8 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
         stats.update(used=restored.used, rejected=restored.rejected, hits=restored.hits,
                      misses=restored.misses, skipped=restored.skipped,
                      miss_reasons=restored.miss_reasons[:10])
+        if restored.used:
+            weights = Weights(source, list(restored.shared_tensors))
     else:
         module = import_handler(function_dir)
     phases["handler_restore"] = time.perf_counter() - started
@@ -138,8 +197,9 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     ran = warmup.run(handle, plan, Warmup(spec.get("warmup", "auto")),
                      cuda=str(spec.get("device", "cpu")).startswith("cuda"))
     phases["handler_warmup"] = time.perf_counter() - started
-    return module, {"template": stats, "phases": {k: round(v, 4) for k, v in phases.items()},
-                    "warmup": ran}
+    ready = {"template": stats, "phases": {k: round(v, 4) for k, v in phases.items()},
+             "warmup": ran, "releasable": weights is not None}
+    return module, ready, weights
 
 
 def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
@@ -155,7 +215,7 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
     set_title("fwatchdog: handler starting")
     report = Reporter(spec["front"], int(spec["id"]))
     try:
-        module, ready = boot(spec, template_dir, function_dir, report)
+        module, ready, weights = boot(spec, template_dir, function_dir, report)
         from fwatchdog.llm import handler_server
 
         config = handler_server.Config.from_env(os.environ)
@@ -166,9 +226,59 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
                      "traceback": text[-8000:]})
         return BOOT_ERROR
 
-    def listening() -> None:
+    listened = []
+
+    def listening() -> Coroutine[Any, Any, None]:
+        listened.append(True)
         set_title("fwatchdog: handler ready")
         report.send({"event": "ready", "socket": spec["socket"], **ready})
+        return follow_front(report, weights)
 
-    handler_server.run(module.handle, config, unix_path=spec["socket"], on_listening=listening)
+    try:
+        handler_server.run(module.handle, config, unix_path=spec["socket"],
+                           on_listening=listening)
+    except OSError as exc:
+        if listened:
+            raise
+        report.send({"event": "failed", "error": f"cannot listen on {spec['socket']}: {exc}",
+                     "traceback": traceback.format_exc()[-8000:]})
+        return BOOT_ERROR
     return 0
+
+
+async def follow_front(report: Reporter, weights: Weights | None) -> None:
+    """Answer the front's requests while serving: ``release`` (let go of the weights,
+    the GPU is being released) and ``reattach`` {holder} (map the reloaded buffer)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(sock=report.sock)
+    while True:
+        try:
+            message = await wire.read_frame(reader)
+        except (wire.WireError, OSError):
+            message = None
+        if message is None:
+            # The front is gone: nothing will route to us again.
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        op = message.get("op")
+        started = time.perf_counter()
+        try:
+            if weights is None:
+                raise RuntimeError("this handler's weights did not come from the template")
+            if op == "release":
+                moved = weights.release()
+                set_title("fwatchdog: handler released")
+                answer = {"event": "released", "tensors": moved}
+            elif op == "reattach":
+                moved = weights.reattach(str(message["holder"]))
+                set_title("fwatchdog: handler ready")
+                answer = {"event": "reattached", "tensors": moved}
+            else:
+                continue
+        except Exception as exc:  # noqa: BLE001 - the front retires us and forks anew
+            LOG.warning("handler_%s_failed error=%r", op, str(exc))
+            answer = {"event": f"{op}_failed", "error": str(exc)}
+        answer["seconds"] = round(time.perf_counter() - started, 4)
+        wire.write_frame(writer, {**answer, "id": report.id})
+        await writer.drain()

@@ -42,7 +42,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,13 +329,18 @@ def make_runner(handle: Handle, config: Config) -> web.AppRunner:
     )
 
 
+OnListening = Callable[[], "Coroutine[Any, Any, None] | None"]
+
+
 async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
-                on_listening: Callable[[], None] | None = None) -> None:
+                on_listening: OnListening | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
 
     With ``unix_path`` the server listens on a Unix socket there, readable and
     writable by its owner only, instead of ``config.host:config.port``.
-    ``on_listening`` is called once connections are accepted."""
+    ``on_listening`` is called once connections are accepted; a coroutine it returns
+    runs beside the server until the server stops (mode=llm's handler reads the
+    front's requests there)."""
     runner = make_runner(handle, config)
     await runner.setup()
     site: web.BaseSite
@@ -356,18 +361,23 @@ async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    beside: asyncio.Task[None] | None = None
     if on_listening is not None:
-        on_listening()
+        started = on_listening()
+        if started is not None:
+            beside = asyncio.ensure_future(started)
     try:
         await stop.wait()
         LOG.info("server_stopping")
     finally:
+        if beside is not None:
+            beside.cancel()
         await runner.cleanup()
     LOG.info("server_stopped")
 
 
 def run(handle: Handle, config: Config, *, unix_path: str | None = None,
-        on_listening: Callable[[], None] | None = None) -> None:
+        on_listening: OnListening | None = None) -> None:
     try:
         import uvloop
     except ImportError:

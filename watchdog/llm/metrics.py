@@ -13,6 +13,7 @@
 - ``fwatchdog_llm_gpu_memory_bytes{process}``: GPU memory per runtime process as
   NVML counts it (holder, zygote, handler-<pid>), read at scrape time; absent
   without NVML or a GPU.
+- ``fwatchdog_llm_gpu_released``: 1 while the GPU is released on idle, else 0.
 - ``fwatchdog_llm_requests_total{outcome}``: ok, error (a 5xx the function sent
   or a failed relay), timeout, crashed (the handler died under it), client_gone,
   unavailable (no handler could be had).
@@ -107,6 +108,9 @@ class LlmMetrics:
         self.requests = Counter("fwatchdog_llm_requests_total",
                                 "Requests for the function by outcome", ("outcome",),
                                 registry=registry)
+        self.gpu_released = Gauge("fwatchdog_llm_gpu_released",
+                                  "1 while the GPU is released on idle (a request wakes it)",
+                                  registry=registry)
         registry.register(GpuMemory(processes))
 
     def set_handlers(self, counts: dict[str, int]) -> None:

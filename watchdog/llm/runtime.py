@@ -26,10 +26,15 @@ Pool policy:
 - The zygote or the holder dying is recovered: spawned again (with the same
   backoff when it keeps dying); readiness is 503 until the runtime is whole. A
   holder's death retires every handler, since they map its buffer.
-- ``llm_gpu_idle_timeout``: after that long with no request, every handler retires
-  and, once the last is gone, the holder frees its buffer (*released*; readiness
-  stays 200, the function can answer). The next request wakes it: the holder
-  reloads and a handler is forked; the request waits for it.
+- ``llm_gpu_idle_timeout``: after that long with no request the GPU is *released*:
+  each warm handler whose weights came from the holder lets go of them (its served
+  tensors point at a one-element placeholder, its mapping closes) but keeps its
+  process, its CUDA context and its loaded kernels; other handlers retire. Once no
+  handler maps the buffer, the holder frees it. Readiness stays 200: the function
+  can answer. The next request wakes it: the holder reloads the buffer, the kept
+  handlers map it again and re-point their tensors (no fork, no warm-up), and the
+  request waits for the first of them. Without a holder, release retires every
+  handler and a wake forks one.
 
 Invariants: the front never imports torch; every pid signalled is one this runtime
 forked or spawned, and handlers are signalled through their own process groups;
@@ -67,6 +72,28 @@ BACKOFF_MAX = 60.0
 STOP_GRACE = 10.0
 
 
+# A Unix socket path holds at most 107 bytes on Linux; the runtime's longest name in
+# its folder is "h<id>.sock" with a id of up to 9 digits.
+MAX_SOCKET_PATH = 107
+LONGEST_NAME = len("/h123456789.sock")
+
+
+def runtime_dir(base: str) -> str:
+    """A new owner-only folder for the runtime's sockets: under ``base`` (TMPDIR) when
+    the socket paths fit there, else under /tmp; StartError when neither fits."""
+    from fwatchdog.modes.base import StartError
+
+    for candidate in (base, "/tmp"):
+        # mkdtemp adds "fwatchdog-llm-" and 8 characters.
+        if len(candidate.rstrip("/")) + len("/fwatchdog-llm-12345678") + LONGEST_NAME \
+                <= MAX_SOCKET_PATH and os.path.isdir(candidate):
+            path = tempfile.mkdtemp(prefix="fwatchdog-llm-", dir=candidate)
+            os.chmod(path, 0o700)  # the sockets in here hand out the model and the function
+            return path
+    raise StartError(f"TMPDIR={base!r} is too long for Unix socket paths "
+                     f"({MAX_SOCKET_PATH} bytes) and /tmp is not there")
+
+
 class NotReady(Exception):
     """No handler can be had now; the message says why."""
 
@@ -77,6 +104,8 @@ class HState(enum.Enum):
     RESTORING = "restoring"
     WARMING = "warming"
     READY = "ready"
+    RELEASING = "releasing"  # told to let go of the weights (the GPU is being released)
+    RELEASED = "released"  # alive, CUDA context and kernels kept, no weights mapped
 
 
 class GpuState(enum.Enum):
@@ -101,6 +130,7 @@ class Handler:
     retiring: bool = False
     kill_when_idle: bool = False
     connected: bool = False
+    releasable: bool = False  # its weights came from the holder: it can let go of them
     gone: bool = False
     writer: asyncio.StreamWriter | None = None
 
@@ -184,10 +214,7 @@ class Runtime:
     # -- start and stop ----------------------------------------------------------
 
     async def start(self) -> None:
-        base = self.cfg.tmpdir or tempfile.gettempdir()
-        # Owner-only: the sockets in here hand out the model and the function.
-        self.dir = tempfile.mkdtemp(prefix="fwatchdog-llm-", dir=base)
-        os.chmod(self.dir, 0o700)
+        self.dir = runtime_dir(self.cfg.tmpdir or tempfile.gettempdir())
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._on_handler, self.front_socket)
@@ -450,11 +477,31 @@ class Runtime:
             self._ready(h, message)
         elif event == "failed":
             self._boot_failed(h, str(message.get("error")), str(message.get("traceback", "")))
+        elif event == "released":
+            h.state = HState.RELEASED
+            self.log.info(kv("handler_released", id=h.id, pid=h.pid,
+                             tensors=message.get("tensors"), seconds=message.get("seconds")))
+        elif event == "reattached":
+            h.state = HState.READY
+            self.log.info(kv("handler_reattached", id=h.id, pid=h.pid,
+                             tensors=message.get("tensors"), seconds=message.get("seconds")))
+            if self.wake_started is not None:
+                self._phase("wake", self.clock() - self.wake_started)
+                self.wake_started = None
+        elif event in ("release_failed", "reattach_failed"):
+            self.log.info(kv("handler_" + str(event), id=h.id, pid=h.pid,
+                             error=message.get("error"), action="retired"))
+            self._retire(h, kill=True)
         self.notify()
+
+    def _tell(self, h: Handler, message: dict[str, Any]) -> None:
+        if h.writer is not None and not h.writer.is_closing():
+            wire.write_frame(h.writer, message)
 
     def _ready(self, h: Handler, message: dict[str, Any]) -> None:
         h.state = HState.READY
         h.ready_at = self.clock()
+        h.releasable = bool(message.get("releasable"))
         h.pool = Pool("localhost", 80, unix_path=h.socket_path, idle_timeout=30.0)
         self.failure = None
         self.backoff = 0.0
@@ -508,6 +555,10 @@ class Runtime:
         if not h.retiring and not self.stopping:
             self.log.info(kv("handler_crashed", id=h.id, pid=h.pid, inflight=h.inflight,
                              state=h.state.value))
+            if h.ready_at is None:
+                # Died in its start-up without saying why: back off as for a boot error,
+                # so a start that always dies is never a tight fork loop.
+                self._boot_failed(h, f"the handler died while {h.state.value}", "")
         self.notify()
 
     def lost(self, h: Handler, why: str) -> None:
@@ -572,6 +623,7 @@ class Runtime:
                 label = "serving" if id(h) in serving and h.inflight else h.label
                 counts[label] = counts.get(label, 0) + 1
             self.metrics.set_handlers(counts)
+            self.metrics.gpu_released.set(1 if self.gpu is GpuState.RELEASED else 0)
         if not self._manage_scheduled and not self.stopping:
             self._manage_scheduled = True
             asyncio.get_running_loop().call_soon(self.manage)
@@ -587,7 +639,8 @@ class Runtime:
         if self.stopping or not self.whole():
             return
         if self.gpu is GpuState.RELEASING:
-            if not self.handlers:
+            letting_go = [h for h in self.handlers if h.state is not HState.RELEASED]
+            if not letting_go:
                 if self.holder is not None and self.holder.ready:
                     self.holder.send({"op": "release"})
                 else:
@@ -596,6 +649,10 @@ class Runtime:
             return
         if self.gpu is not GpuState.HELD:
             return
+        for h in self.live():
+            if h.state is HState.RELEASED:  # woken: map the reloaded buffer again
+                h.state = HState.ATTACHING
+                self._tell(h, {"op": "reattach", "holder": self.holder_socket})
         if any(h.state is not HState.READY for h in self.live()):
             return  # one start at a time
         if len(self.live()) >= self.cfg.llm_handlers + self.cfg.llm_spares:
@@ -664,12 +721,22 @@ class Runtime:
             self._idle_timer = asyncio.get_running_loop().call_later(timeout - idle,
                                                                      self._check_idle)
             return
-        if not self.handlers and not self.whole():
+        if not self.whole() or any(h.state is not HState.READY for h in self.live()) \
+                or not self.serving():
+            # Still starting: nothing warm to release yet; look again later.
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._check_idle)
             return
-        self.log.info(kv("gpu_releasing", idle=f"{idle:.1f}s", handlers=len(self.handlers)))
+        holder = self.holder is not None and self.holder.ready
+        self.log.info(kv("gpu_releasing", idle=f"{idle:.1f}s", handlers=len(self.handlers),
+                         keep_handlers=holder))
         self.gpu = GpuState.RELEASING
         for h in list(self.handlers):
-            self._retire(h)
+            if holder and h.releasable and h.state is HState.READY and not h.retiring:
+                # It keeps its process, CUDA context and kernels; only the weights go.
+                h.state = HState.RELEASING
+                self._tell(h, {"op": "release"})
+            else:
+                self._retire(h)
         self.notify()
 
     def _wake(self) -> None:
