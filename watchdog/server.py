@@ -183,7 +183,9 @@ class Watchdog:
             resp = await self._answer(request)
             if not resp.prepared:
                 # Written here, not after return, so the duration and the byte
-                # count include sending the body.
+                # count include sending the body. aiohttp prepares the returned
+                # response once more: a response class whose prepare is not a
+                # no-op by then must guard itself (static mode's file response).
                 await resp.prepare(request)
                 await resp.write_eof()
         except ConnectionError:
