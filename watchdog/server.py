@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry
 from fwatchdog import accesslog, reaper
 from fwatchdog.config import Config, Mode
 from fwatchdog.durations import format_duration
+from fwatchdog.errors import reason
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
@@ -77,6 +78,9 @@ SIGNAL_RACE = 0.5
 
 
 def _plain(status: int, text: str | None = None) -> web.Response:
+    """A response written by the watchdog; an error always carries a text/plain reason."""
+    if text is None and status >= 400:
+        text = reason(status)
     return web.Response(status=status, text=text)
 
 
