@@ -75,6 +75,8 @@ MAX_HEADERS = 128
 LINGERING_TIME = 1.0
 # How long a dead function waits for a SIGTERM that may be on its way to us too.
 SIGNAL_RACE = 0.5
+# While the mode starts (a model loading), a line this often says it still does.
+START_PROGRESS_EVERY = 5.0
 
 
 def _plain(status: int, text: str | None = None) -> web.Response:
@@ -355,11 +357,13 @@ class Watchdog:
         # The mode enforces start_timeout with its own message; this is a backstop.
         backstop = asyncio.ensure_future(asyncio.sleep(self.config.start_timeout + 5.0))
         stop_wait = asyncio.ensure_future(self.signals.event.wait())
+        progress = asyncio.ensure_future(self._starting_progress())
         try:
             await asyncio.wait({start, backstop, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             backstop.cancel()
             stop_wait.cancel()
+            progress.cancel()
         if not start.done():
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -380,6 +384,16 @@ class Watchdog:
             await self._stop_everything()
             return 1
         return None
+
+    async def _starting_progress(self) -> None:
+        """One ``still_starting`` line every few seconds until cancelled: a start that
+        loads a model takes a while, and a silent terminal looks like a hang."""
+        began = self.clock()
+        limit = format_duration(self.config.start_timeout)
+        while True:
+            await asyncio.sleep(START_PROGRESS_EVERY)
+            self.log.info(kv("still_starting", mode=self.config.mode.value,
+                             seconds=f"{self.clock() - began:.0f}", start_timeout=limit))
 
     async def shutdown(self) -> int:
         """SIGTERM: the drain order of the module docstring, top to bottom."""
