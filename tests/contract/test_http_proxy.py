@@ -1,4 +1,4 @@
-"""mode=http: what crosses the proxy, both ways (CONTRACT.md, Modes: http).
+"""mode=http: what crosses the proxy, both ways (docs/contract.md, Modes: http).
 
 Each test starts the real fwatchdog, which starts the test function of
 ``conftest.UPSTREAM_SCRIPT`` as its ``fprocess``.

@@ -1,4 +1,4 @@
-"""/_/health, /_/ready, max_inflight and the listening port (CONTRACT.md, Endpoints)."""
+"""/_/health, /_/ready, max_inflight and the listening port (docs/contract.md, the port and its endpoints)."""
 
 from __future__ import annotations
 

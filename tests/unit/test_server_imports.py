@@ -1,4 +1,4 @@
-"""The front never imports torch (DESIGN.md section 3.2)."""
+"""The front never imports torch (docs/architecture.md, "A front without torch")."""
 
 from __future__ import annotations
 
