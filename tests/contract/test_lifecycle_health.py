@@ -1,4 +1,4 @@
-"""/_/health, /_/ready, max_inflight and the listening port (docs/contract.md, the port and its endpoints)."""
+"""/_/health, /_/ready, max_inflight and the listening port (docs/contract.md, endpoints)."""
 
 from __future__ import annotations
 
