@@ -118,12 +118,15 @@ def image_exists(name: str) -> bool:
 
 
 def limits() -> list[str]:
-    """``--ulimit`` flags at the hard limits: raising limits is not permitted everywhere."""
-    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-    nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
-    nproc = 65536 if nproc == resource.RLIM_INFINITY else min(nproc, 65536)
-    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+    """``--ulimit`` flags for podman, whose defaults may exceed what may be set here.
+
+    Where raising a limit is not permitted, runc fails to start the container
+    ("error setting rlimit"), so both limits are set to one N no larger than the hard
+    limit on open files (the nproc limit proved no safer bound), at most 65536.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    n = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    return ["--ulimit", f"nofile={n}:{n}", "--ulimit", f"nproc={n}:{n}"]
 
 
 def build_args() -> list[str]:
@@ -333,7 +336,8 @@ def check_drain(report: Report, client: Any, served: str) -> None:
                  f"error={outcome.get('error')}")
     report.check("sigterm_exit_0", exited and code == "0",
                  f"exit code {code} after {report.steps['sigterm_to_exit']} s")
-    report.facts["container_log_tail"] = podman_out("logs", CONTAINER).splitlines()[-25:]
+    logs = run(["podman", "logs", CONTAINER], capture=True, check=False)
+    report.facts["container_log_tail"] = (logs.stdout + logs.stderr).splitlines()[-25:]
 
 
 def main(argv: list[str] | None = None) -> int:
