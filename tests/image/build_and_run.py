@@ -238,13 +238,17 @@ def podman_out(*args: str) -> str:
     return run(["podman", *args], capture=True, check=False).stdout.strip()
 
 
-def check_run(report: Report, mode: str | None, port: int, metrics_port: int) -> None:
+def check_run(report: Report, mode: str | None, port: int, metrics_port: int,
+              shm_size: str) -> None:
     import openai
 
     run(["podman", "rm", "-f", CONTAINER], capture=True, check=False)
     env = ["-e", f"mode={mode}"] if mode else []
     started = time.monotonic()
-    run(["podman", "run", "-d", "--runtime", "runc", *limits(), "--name", CONTAINER,
+    # mode=llm on a CPU keeps the weights in shared memory (/dev/shm), which
+    # podman and Docker make 64 MB unless told otherwise.
+    shm = ["--shm-size", shm_size] if shm_size else []
+    run(["podman", "run", "-d", "--runtime", "runc", *limits(), *shm, "--name", CONTAINER,
          "-p", f"127.0.0.1:{port}:8080", "-p", f"127.0.0.1:{metrics_port}:8081", *env,
          FUNCTION_IMAGE], capture=True)
     base = f"http://127.0.0.1:{port}"
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--metrics-port", type=int, default=18081)
     parser.add_argument("--skip-build", action="store_true", help="run the images that exist")
+    parser.add_argument("--shm-size", default="1g",
+                        help="the container's /dev/shm (mode=llm on CPU holds the weights "
+                             "there); empty: podman's default, 64 MB")
     args = parser.parse_args(argv)
     for tool in ("podman", "debootstrap", "runc"):
         if shutil.which(tool) is None:
@@ -371,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in (DEBIAN_IMAGE, TORCH_IMAGE, BASE_IMAGE, FUNCTION_IMAGE):
             size = podman_out("image", "inspect", "-f", "{{.Size}}", name)
             report.facts.setdefault("image_bytes", {})[name] = int(size) if size.isdigit() else None
-        check_run(report, args.mode, args.port, args.metrics_port)
+        report.facts["shm_size"] = args.shm_size or "podman default (64m)"
+        check_run(report, args.mode, args.port, args.metrics_port, args.shm_size)
     except StepFailed as exc:
         log(f"step failed: {exc}")
         report.facts["error"] = str(exc)
