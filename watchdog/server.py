@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry
 from fwatchdog import accesslog, reaper
 from fwatchdog.config import Config, Mode
 from fwatchdog.durations import format_duration
+from fwatchdog.errors import reason
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
@@ -74,9 +75,14 @@ MAX_HEADERS = 128
 LINGERING_TIME = 1.0
 # How long a dead function waits for a SIGTERM that may be on its way to us too.
 SIGNAL_RACE = 0.5
+# While the mode starts (a model loading), a line this often says it still does.
+START_PROGRESS_EVERY = 5.0
 
 
 def _plain(status: int, text: str | None = None) -> web.Response:
+    """A response written by the watchdog; an error always carries a text/plain reason."""
+    if text is None and status >= 400:
+        text = reason(status)
     return web.Response(status=status, text=text)
 
 
@@ -185,7 +191,9 @@ class Watchdog:
             resp = await self._answer(request)
             if not resp.prepared:
                 # Written here, not after return, so the duration and the byte
-                # count include sending the body.
+                # count include sending the body. aiohttp prepares the returned
+                # response once more: a response class whose prepare is not a
+                # no-op by then must guard itself (static mode's file response).
                 await resp.prepare(request)
                 await resp.write_eof()
         except ConnectionError:
@@ -351,11 +359,13 @@ class Watchdog:
         # The mode enforces start_timeout with its own message; this is a backstop.
         backstop = asyncio.ensure_future(asyncio.sleep(self.config.start_timeout + 5.0))
         stop_wait = asyncio.ensure_future(self.signals.event.wait())
+        progress = asyncio.ensure_future(self._starting_progress())
         try:
             await asyncio.wait({start, backstop, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             backstop.cancel()
             stop_wait.cancel()
+            progress.cancel()
         if not start.done():
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -376,6 +386,16 @@ class Watchdog:
             await self._stop_everything()
             return 1
         return None
+
+    async def _starting_progress(self) -> None:
+        """One ``still_starting`` line every few seconds until cancelled: a start that
+        loads a model takes a while, and a silent terminal looks like a hang."""
+        began = self.clock()
+        limit = format_duration(self.config.start_timeout)
+        while True:
+            await asyncio.sleep(START_PROGRESS_EVERY)
+            self.log.info(kv("still_starting", mode=self.config.mode.value,
+                             seconds=f"{self.clock() - began:.0f}", start_timeout=limit))
 
     async def shutdown(self) -> int:
         """SIGTERM: the drain order of the module docstring, top to bottom."""

@@ -113,20 +113,34 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def convert_gguf(source: Path, target: Path) -> None:
-    """Dequantise ``source`` (a GGUF file) into a bf16 Hugging Face folder ``target``."""
+    """Dequantise ``source`` (a GGUF file) into a bf16 Hugging Face folder ``target``.
+
+    Each step is logged as it begins (``model_convert_step``), so the half minute
+    or more this takes on a CPU is visible on the terminal; transformers adds its
+    own progress bar while it dequantises.
+    """
+    started = time.monotonic()
+
+    def step(name: str) -> None:
+        LOG.info("model_convert_step step=%s elapsed=%.1f", name, time.monotonic() - started)
+
     os.environ["HF_HUB_OFFLINE"] = "1"
+    step("import_torch_transformers")
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    step("read_tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # bf16 halves the folder and loses nothing that matters: the weights were 4-bit
     # (with fp16 scales) before dequantisation.
+    step("dequantise_weights")
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.bfloat16
     )
     # save_model (not save_file) because embeddings and lm_head are tied: it writes
     # the shared tensor once, as from_pretrained expects.
+    step("write_safetensors")
     save_model(model, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     # Without this the folder would claim to be GGUF-quantised and fail to load.
@@ -178,7 +192,12 @@ def ensure_default_model(env: Mapping[str, str]) -> Path:
         if is_complete(target):
             return target
         started = time.monotonic()
-        LOG.info("model_convert_started source=%s target=%s", source, target)
+        LOG.info(
+            "model_convert_started source=%s target=%s expect=%s",
+            source,
+            target,
+            "'once per cache; 30-60 s on a small CPU'",
+        )
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             convert_gguf(source, work)

@@ -1,6 +1,6 @@
 """What faas-cli does with the python3-llm template, reproduced as file operations.
 
-CONTRACT.md "faas-cli templates": ``template pull`` copies ``<repo>/template/<lang>/``;
+docs/contract.md "faas-cli templates": ``template pull`` copies ``<repo>/template/<lang>/``;
 ``new`` checks the name, copies the handler folder and writes ``stack.yaml``;
 ``build --shrinkwrap`` overlays the handler folder on a copy of the template. The
 repository keeps one source (``templates/``) and a relative ``template`` symlink.

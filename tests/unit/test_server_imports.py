@@ -1,5 +1,6 @@
-"""The front never imports torch: every mode's module, and the watchdog built in
-http and llm mode (the llm runtime's front side included)."""
+"""The front never imports torch (docs/architecture.md, "A front without torch"):
+every mode's module, and the watchdog built in http and llm mode (the llm
+runtime's front side included)."""
 
 from __future__ import annotations
 

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import importlib.util
 import json
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest

@@ -67,6 +67,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from fwatchdog.durations import format_duration, parse_duration
+from fwatchdog.errors import reason, timeout_reason
 from fwatchdog.logpump import pump
 from fwatchdog.logs import kv
 from fwatchdog.modes.base import (
@@ -121,7 +122,7 @@ class _BodyError(Exception):
 
 
 def _internal(status: int, started: float, text: str = "") -> web.Response:
-    resp = web.Response(status=status, text=text or None)
+    resp = web.Response(status=status, text=text or reason(status))
     resp.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
     resp.headers[INTERNAL] = "of-watchdog"
     return resp
@@ -342,7 +343,7 @@ class HttpMode(ModeHandler):
         except asyncio.TimeoutError:
             self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                  exec_timeout=format_duration(seconds)))
-            return _internal(504, started)
+            return _internal(504, started, timeout_reason(seconds))
         except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
             self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
             return _internal(502 if stream else self.upstream_failed_status, started)
@@ -411,7 +412,7 @@ class HttpMode(ModeHandler):
             except asyncio.TimeoutError:
                 self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                      exec_timeout=format_duration(seconds)))
-                return _internal(504, started)
+                return _internal(504, started, timeout_reason(seconds))
             except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
                 # Nothing sent yet: an honest error beats a short body.
                 self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
@@ -471,7 +472,7 @@ class HttpMode(ModeHandler):
             resp = _internal(exc.status if exc.status >= 400 else 502, started)
             return resp
         except asyncio.TimeoutError:
-            return _internal(504, started)
+            return _internal(504, started, timeout_reason(seconds))
         except (aiohttp.ClientError, OSError):
             return _internal(502, started)
         ws = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),

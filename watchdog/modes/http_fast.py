@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, cast
 from aiohttp import web
 
 from fwatchdog.durations import format_duration
+from fwatchdog.errors import reason, timeout_reason
 from fwatchdog.logs import kv
 from fwatchdog.modes.http import WHOLE_REQUEST_LIMIT, WHOLE_RESPONSE_LIMIT, HttpMode
 from fwatchdog.proxyheaders import to_client_pairs, to_upstream
@@ -484,8 +485,9 @@ class FastConnection(asyncio.Protocol):
         self._write("".join(lines).encode() + body)
         return status, _phrase(status, ""), len(body)
 
-    def _internal(self, status: int, started: float, keep_alive: bool) -> tuple[int, str, int]:
-        return self._plain(status, "", [("X-Duration-Seconds",
+    def _internal(self, status: int, started: float, keep_alive: bool,
+                  text: str = "") -> tuple[int, str, int]:
+        return self._plain(status, text or reason(status), [("X-Duration-Seconds",
                                          f"{time.perf_counter() - started:f}"),
                                         (INTERNAL, "of-watchdog")], keep_alive)
 
@@ -603,7 +605,7 @@ class FastConnection(asyncio.Protocol):
                 expiry.cancel()
         except asyncio.TimeoutError:
             log.info(kv("upstream_timeout", uri=req.target, exec_timeout=format_duration(seconds)))
-            return (*self._internal(504, started, keep), keep)
+            return (*self._internal(504, started, keep, timeout_reason(seconds)), keep)
         except _RELAY_ERRORS as exc:
             log.info(kv("upstream_error", uri=req.target, error=str(exc)))
             return (*self._internal(500, started, keep), keep)
