@@ -93,7 +93,7 @@ def breakdown(inst: Instance, stream: client.Stream, info: dict[str, Any]) -> di
 async def container_cold(bench: Bench, cache: str) -> None:
     scenario = f"container_cold_{cache}_cache"
     if cache == "cold" and not bench.drop_caches():
-        bench.skip(scenario, "drop_caches not permitted (needs root)")
+        bench.skip(scenario, "drop_caches not possible: not permitted, or --no-drop-caches")
         return
     floor = bench.floors.cold_start(cold=cache == "cold")
     for system in bench.systems:

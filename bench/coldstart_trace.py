@@ -51,8 +51,8 @@ class TraceParams:
     gap_max_s: float = 4 * 3600.0
     burst_mean: float = 3.0
     burst_max: int = 8
-    in_burst_mean_s: float = 0.5
-    compress: float = 60.0
+    in_burst_mean_s: float = 0.3
+    compress: float = 120.0
     keepalive_s: float = 600.0  # baseline: scale to zero after 10 min idle
     gpu_idle_s: float = 120.0  # llm: release the GPU after 2 min idle
     llm_keepalive_s: float = 3600.0  # llm: the CPU-only instance stays for 1 h
