@@ -99,7 +99,8 @@ class Watchdog:
         self.state = State()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = HttpMetrics(self.registry)
-        self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr)
+        self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr,
+                               registry=self.registry)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
         self.signals = SignalRecorder()
         self.access = accesslog.AccessLog(stderr, with_call_id=config.log_callid)
@@ -163,7 +164,8 @@ class Watchdog:
         if self.limit_reached():
             return _plain(429)
         if not await self.mode.ready(request):
-            return _plain(503)
+            reason = self.mode.unready_reason()
+            return _plain(503, f"{reason}\n" if reason else None)
         if self.config.ready_path:
             probe = request.clone(method="GET", rel_url=self.config.ready_path)
             try:
@@ -313,7 +315,7 @@ class Watchdog:
             # the upstream call, as of-watchdog's request context does. The
             # forking modes keep aiohttp's default: their DisconnectWatch kills
             # the child and the request is still recorded with its outcome.
-            handler_cancellation=cfg.mode is Mode.HTTP,
+            handler_cancellation=cfg.mode in (Mode.HTTP, Mode.LLM),
         )
         for runner, port, name in ((self._metrics_runner, cfg.metrics_port, "metrics"),
                                    (self._runner, cfg.port, "http")):

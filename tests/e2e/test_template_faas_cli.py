@@ -114,7 +114,7 @@ def test_shrinkwrap_overlays_the_users_handler_on_the_template(faas_cli) -> None
     assert (context / "function" / "prompts" / "system.txt").read_text() == "be brief"
     # An overlay: what the user removed is still there from the template.
     assert (context / "function" / "openai_api.py").exists()
-    for runtime_file in ("Dockerfile", "index.py", "handler_server.py", "model_cache.py"):
+    for runtime_file in ("Dockerfile", "index.py", "model_cache.py"):
         assert (context / runtime_file).is_file()
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from fwatchdog.config import Config, Mode
 
@@ -56,6 +57,8 @@ class ModeContext:
     fatal: asyncio.Event = field(default_factory=asyncio.Event)
     # Pids of children the mode waits on itself; the reaper leaves them alone.
     children: set[int] = field(default_factory=set)
+    # The watchdog's metrics registry, for a mode's own metrics (mode=llm).
+    registry: CollectorRegistry | None = None
 
 
 class ModeHandler(abc.ABC):
@@ -73,6 +76,10 @@ class ModeHandler(abc.ABC):
         """Extra readiness condition of the mode (``/_/ready``); True by default."""
         return True
 
+    def unready_reason(self) -> str:
+        """Why :meth:`ready` is False, for the 503's body; empty by default."""
+        return ""
+
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """End every process the mode started."""
 
@@ -83,6 +90,7 @@ _REGISTRY: dict[Mode, str] = {
     Mode.STREAMING: "fwatchdog.modes.streaming:StreamingMode",
     Mode.SERIALIZING: "fwatchdog.modes.serializing:SerializingMode",
     Mode.STATIC: "fwatchdog.modes.static:StaticMode",
+    Mode.LLM: "fwatchdog.modes.llm:LlmMode",
 }
 
 

@@ -281,6 +281,10 @@ class HttpMode(ModeHandler):
                 return wanted
         return limit
 
+    def stream_error_event(self, content_type: str) -> bytes | None:
+        """Bytes written to a stream the upstream broke off, before the cut; None here."""
+        return None
+
     def _target(self, request: web.Request) -> str:
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
@@ -429,7 +433,12 @@ class HttpMode(ModeHandler):
                 self.ctx.log.info(kv("upstream_cut", uri=request.raw_path, sent=sent,
                                      error=repr(exc)))
             upstream.close()
-            # Headers are out: cut the connection so the client sees the truncation.
+            # Headers are out: cut the connection so the client sees the truncation,
+            # after a last event saying why when the mode has one for this stream.
+            tail = self.stream_error_event(headers.get("Content-Type", ""))
+            if tail is not None and request.transport is not None:
+                with contextlib.suppress(Exception):
+                    await out.write(tail)
             if request.transport is not None:
                 request.transport.close()
         out[BODY_BYTES_KEY] = sent

@@ -1,7 +1,10 @@
-"""The python3-llm handler process's HTTP server: python3-http's contract on aiohttp.
+"""A function's HTTP server: python3-http's contract on aiohttp.
 
-fwatchdog (``mode=http``) proxies every request to this server, which calls the
-function's ``handle(event, context)`` exactly as python3-http does:
+One implementation for both ways a python3-llm function runs: in ``mode=http`` the
+template's ``index.py`` serves it on ``http_port`` (TCP, 5000), and in ``mode=llm``
+every forked handler process serves it on a Unix socket (owner-only) that the
+front proxies to. It calls the function's ``handle(event, context)`` exactly as
+python3-http does:
 
 - ``event``: ``.body`` (bytes), ``.headers`` (case-insensitive), ``.method``,
   ``.query``, ``.path``; ``context``: ``.hostname``, plus ``.cancelled``, a
@@ -34,6 +37,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -325,17 +329,35 @@ def make_runner(handle: Handle, config: Config) -> web.AppRunner:
     )
 
 
-async def serve(handle: Handle, config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return."""
+async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
+                on_listening: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
+
+    With ``unix_path`` the server listens on a Unix socket there, readable and
+    writable by its owner only, instead of ``config.host:config.port``.
+    ``on_listening`` is called once connections are accepted."""
     runner = make_runner(handle, config)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    LOG.info("server_started host=%s port=%d", config.host, config.port)
+    site: web.BaseSite
+    if unix_path is not None:
+        # Owner-only from the moment the socket exists: no window with wider modes.
+        old = os.umask(0o177)
+        try:
+            site = web.UnixSite(runner, unix_path)
+            await site.start()
+        finally:
+            os.umask(old)
+        LOG.info("server_started unix=%s", unix_path)
+    else:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        LOG.info("server_started host=%s port=%d", config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_listening is not None:
+        on_listening()
     try:
         await stop.wait()
         LOG.info("server_stopping")
@@ -344,10 +366,11 @@ async def serve(handle: Handle, config: Config) -> None:
     LOG.info("server_stopped")
 
 
-def run(handle: Handle, config: Config) -> None:
+def run(handle: Handle, config: Config, *, unix_path: str | None = None,
+        on_listening: Callable[[], None] | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(handle, config))
+        asyncio.run(serve(handle, config, unix_path=unix_path, on_listening=on_listening))
     else:
-        uvloop.run(serve(handle, config))
+        uvloop.run(serve(handle, config, unix_path=unix_path, on_listening=on_listening))
