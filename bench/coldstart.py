@@ -58,6 +58,7 @@ SCENARIOS = ("container_cold_warm_cache", "container_cold_cold_cache", "first_re
              "concurrency", "gpu_wake", "new_handler", "gpu_memory", "trace")
 LENGTHS = (7, 57, 300, 1000, 2048)
 PROJECT_DIRS = ("watchdog", "tracer", "template_cache", "templates", "bench")
+STAMP_VERSION = 2  # of what --work keeps; a different one is built again
 
 
 class Floors:
@@ -130,8 +131,9 @@ class Bench:
         self.wake_idle_s = args.wake_idle
         self.trace_params = trace.TraceParams(seed=args.trace_seed)
         if args.smoke:
-            self.trace_params = replace(self.trace_params, bursts=3, compress=600.0,
-                                        max_tokens=4)
+            # Windows stay above a CPU handler's start (1 s GPU release, 5 s keep-alive).
+            self.trace_params = replace(self.trace_params, bursts=3, gap_median_s=300.0,
+                                        gap_max_s=900.0, max_tokens=4)
         self.nvml = Nvml()
         self.gpu = self.nvml.name() or "cpu"
         self.work = Path(args.work or tempfile.mkdtemp(prefix="fwbench-")).resolve()
@@ -154,7 +156,9 @@ class Bench:
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env.update(PYTHONPYCACHEPREFIX=str(self.args.pycache), HF_HUB_OFFLINE="1",
+        if self.args.pycache is not None:
+            env["PYTHONPYCACHEPREFIX"] = str(self.args.pycache)
+        env.update(HF_HUB_OFFLINE="1",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONUNBUFFERED="1", MAX_CONCURRENT_GENERATIONS="16",
                    DEFAULT_MAX_TOKENS="16")
@@ -167,7 +171,8 @@ class Bench:
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", str(os.cpu_count() or 1),
                         *map(str, paths)], env=self.env, check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bytecode = self.run.setdefault("bytecode", {"prefix": str(self.args.pycache),
+        prefix = str(self.args.pycache) if self.args.pycache else "in place (__pycache__)"
+        bytecode = self.run.setdefault("bytecode", {"prefix": prefix,
                                                     "PYTHONDONTWRITEBYTECODE": "unset",
                                                     "compiled": [], "seconds": 0.0})
         bytecode["compiled"].append(what)
@@ -180,7 +185,7 @@ class Bench:
                 paths.insert(0, Path(sysconfig.get_paths()["purelib"]))
             self.compile_bytecode(paths, "project" if self.smoke else "site-packages+project")
         stamp_path = self.work / "stamp.json"
-        stamp = {"shape": self.shape, "built_on": self.device}
+        stamp = {"shape": self.shape, "built_on": self.device, "version": STAMP_VERSION}
         old = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
         reused = {k: old.get(k) for k in stamp} == stamp and self.layout.model_dir.is_dir()
         if not reused:
@@ -198,7 +203,9 @@ class Bench:
             self.compile_bytecode([self.layout.context], "function")
         if "llm" in self.systems:
             if "template" not in old or not (self.layout.template / "manifest.json").is_file():
-                env = {**self.env, "CUDA_VISIBLE_DEVICES": ""}  # traced on CPU, as in an image
+                # Traced on CPU, as an image build does, with the model the systems load.
+                env = {**self.env, "CUDA_VISIBLE_DEVICES": "",
+                       "MODEL_PATH": str(self.layout.model_dir)}
                 old["template"] = common.run_tracer(self.layout.function_dir,
                                                     self.layout.template, "--runs", "1", env=env)
                 old["template"]["traced_on"] = "cpu"
@@ -329,7 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--work", type=Path, default=None,
                    help="keeps the model and template for a later command (reused if built)")
-    p.add_argument("--pycache", type=Path, default=Path("/tmp/fwatchdog-pyc"))
+    p.add_argument("--pycache", type=Path, default=None,
+                   help="PYTHONPYCACHEPREFIX for every process (default /tmp/fwatchdog-pyc; "
+                        "the smoke run compiles in place, beside the sources)")
     p.add_argument("--no-compile", action="store_true", help="skip compileall (not realistic)")
     p.add_argument("--no-drop-caches", action="store_true",
                    help="run container_cold_cold_cache without dropping the page cache")
@@ -344,6 +353,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.shape, args.device, args.repeats, args.wake_idle = "tiny", "cpu", 1, 1.0
         args.no_drop_caches = True
+    elif args.pycache is None:
+        args.pycache = Path("/tmp/fwatchdog-pyc")
     args.device = args.device or ("cuda" if Nvml().available else "cpu")
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.systems = [s for s in args.systems.split(",") if s]

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 RETRY_S = 0.002
+READ_TIMEOUT_S = 180.0  # a stuck request fails instead of eating the GPU session
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,13 @@ async def _read(resp: aiohttp.ClientResponse, t0: float, sent: float) -> Stream:
     ttft = None
     tokens = 0
     error = None
-    async for raw in resp.content:
+    async for raw in resp.content:  # to the end: leaving early would cancel the stream
         line = raw.strip()
         if not line.startswith(b"data:"):
             continue
         payload = line[5:].strip()
         if payload == b"[DONE]":
-            break
+            continue
         event = json.loads(payload)
         if "error" in event:
             error = str(event["error"].get("message"))
@@ -119,6 +120,6 @@ async def get_text(session: aiohttp.ClientSession, url: str) -> str | None:
 
 
 def new_session() -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT_S)
     return aiohttp.ClientSession(timeout=timeout,
                                  connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None))

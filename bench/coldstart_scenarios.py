@@ -195,7 +195,7 @@ async def gpu_wake(bench: Bench) -> None:
         for _ in range(bench.repeats):
             if bench.over_budget():
                 break
-            how.add(await wait_released(bench, inst, idle, time.monotonic()))
+            how.add(await wait_released(bench, inst, idle, inst.counts.get("gpu_released", 0)))
             released = observe.memory_of(bench.nvml, inst.tree(), role)
             ttfts.append(_ttft(await request(bench, inst, COLD_PROMPT, COLD_TOKENS)))
         after = llm_info(await metrics(inst))["phases"].get("wake", {"sum": 0.0, "count": 0.0})
@@ -208,23 +208,19 @@ async def gpu_wake(bench: Bench) -> None:
     bench.record("llm", "gpu_memory_released", [], gpu_memory=released)
 
 
-async def wait_released(bench: Bench, inst: Instance, idle: float, since: float) -> str:
-    """Until the GPU is released: a ``fwatchdog_llm_gpu_released`` gauge at 1 when the
-    front exports one, else NVML (the tree below half the weight bytes), else the idle
-    timeout plus one second. Returns which of the three decided."""
-    deadline = since + idle + 60
+async def wait_released(bench: Bench, inst: Instance, idle: float, since: int) -> str:
+    """Until the GPU is released: one more ``event=gpu_released`` in the front's log than
+    ``since`` (a count taken before the idle period), or, where NVML sees the tree
+    below half the weight bytes, that. Returns which of the two decided."""
+    deadline = time.monotonic() + idle + 60
     while time.monotonic() < deadline:
-        gauge = observe.value(await metrics(inst), "fwatchdog_llm_gpu_released")
-        if gauge is not None:
-            if gauge >= 1:
-                return "metric"
-        elif bench.nvml.available:
+        if inst.counts.get("gpu_released", 0) > since:
+            return "log"
+        if bench.nvml.available:
             used = observe.memory_of(bench.nvml, inst.tree(), role)["total_bytes"]
             if used < bench.weight_bytes // 2:
                 return "nvml"
-        elif time.monotonic() >= since + idle + 1.0:
-            return "idle_timeout"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     raise RuntimeError("the GPU was never released:\n" + inst.log_tail())
 
 
@@ -256,8 +252,8 @@ async def wait_handlers(inst: Instance, ready: int, timeout: float = 120) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = observe.by_label(await metrics(inst), "fwatchdog_llm_handlers", "state")
-        busy = states.get("starting", 0) + states.get("warming", 0)
-        if states.get("ready", 0) >= ready and busy == 0:
+        busy = sum(states.get(s, 0) for s in ("starting", "attaching", "restoring", "warming"))
+        if states.get("ready", 0) + states.get("serving", 0) >= ready and busy == 0:
             return
         await asyncio.sleep(0.02)
     raise RuntimeError(f"never {ready} ready handlers:\n" + inst.log_tail())

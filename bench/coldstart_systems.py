@@ -10,7 +10,7 @@ stopping it (SIGTERM, then SIGKILL of that process group after a grace period)
 reaches every process it forked and leaves none holding GPU memory. Its log is
 copied to a file, and the first arrival of each ``event=<name>`` (and of the
 function's ``function_loaded``) is timestamped on the way, on the instance's clock
-(seconds since the process was spawned).
+(seconds since the process was spawned), and each event's arrivals are counted.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class Instance:
         env = system_env(system, layout, base_env, self.port, self.metrics_port,
                          settings or {})
         env["TMPDIR"] = str(self.tmp)
-        self.marks: dict[str, float] = {}
+        self.marks: dict[str, float] = {}  # first arrival of each event
+        self.counts: dict[str, int] = {}  # arrivals of each event so far
         self.log_path = logs / f"{system}-{self.port}.log"
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(fwatchdog_command(), cwd=layout.context, env=env,
@@ -122,6 +123,7 @@ class Instance:
                 for match in EVENT.finditer(line):
                     name = (match.group(1) or match.group(2)).decode()
                     self.marks.setdefault(name, now)
+                    self.counts[name] = self.counts.get(name, 0) + 1
                 out.write(line)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLORS = {"front": "#bbbbbb", "function_start": "#d62728", "zygote_import": "#1f77b4",
-          "handler_start": "#2ca02c", "first_token": "#9467bd", "imports": "#1f77b4",
+COLORS = {"front": "#bbbbbb", "function_start": "#d62728", "zygote_import": "#17becf",
+          "handler_start": "#2ca02c", "first_token": "#e377c2", "imports": "#1f77b4",
           "imports (sklearn+pandas)": "#aec7e8", "cuda_context": "#ff7f0e",
           "weights": "#8c564b", "prefill": "#9467bd"}
 
@@ -51,9 +51,9 @@ def breakdown_plot(plt: Any, model: str, run: dict[str, Any] | None,
         return None
     if run is not None:
         bars.insert(0, ("floor", floor_parts(run)))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     seen: set[str] = set()
-    for y, (label, parts) in enumerate(bars):
+    for y, (_, parts) in enumerate(bars):
         left = 0.0
         for name, seconds in parts.items():
             ax.barh(y, seconds, left=left, color=COLORS.get(name, "#7f7f7f"),
@@ -65,8 +65,9 @@ def breakdown_plot(plt: Any, model: str, run: dict[str, Any] | None,
     ax.invert_yaxis()
     ax.set_xlabel("seconds from process start to first token (warm page cache)")
     ax.set_title(f"Container cold start, {model}")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the totals
+    fig.legend(fontsize=7, loc="lower center", ncol=5, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / f"coldstart-breakdown-{model}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
