@@ -141,6 +141,7 @@ class Instance:
         return dict(process_tree(self.proc.pid))
 
     def stop(self, grace: float = 30.0) -> None:
+        started = self.tree()  # handlers may run in process groups of their own
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -148,8 +149,21 @@ class Instance:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its session is left
         self.proc.wait()
+        for pid, title in started.items():  # a descendant that outlived the front
+            now = _title(pid)  # the same process: its title's first words (not its state)
+            if pid != self.proc.pid and now and now.split()[:2] == title.split()[:2]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         self._reader.join(5)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _title(pid: int) -> str | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return argv.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 def process_tree(root: int) -> Iterator[tuple[int, str]]:
@@ -166,11 +180,10 @@ def process_tree(root: int) -> Iterator[tuple[int, str]]:
     todo = [root]
     while todo:
         pid = todo.pop()
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+        title = _title(pid)
+        if title is None:
             continue
-        yield pid, argv.replace(b"\0", b" ").decode(errors="replace").strip()
+        yield pid, title
         todo.extend(children.get(pid, []))
 
 
