@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -99,9 +100,10 @@ class Instance:
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         logs.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(os.environ.get("TMPDIR", "/tmp"))
-        self.tmp = Path(os.path.realpath(tmpdir)) / f"fwbench-{os.getpid()}-{self.port}"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        # The instance's TMPDIR holds mode=llm's Unix sockets: a path of at most 107
+        # bytes, so a long TMPDIR (a test's) gives way to /tmp.
+        base = os.path.realpath(os.environ.get("TMPDIR", "/tmp"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="fwb-", dir=base if len(base) <= 40 else "/tmp"))
         env = system_env(system, layout, base_env, self.port, self.metrics_port,
                          settings or {})
         env["TMPDIR"] = str(self.tmp)
@@ -125,6 +127,7 @@ class Instance:
                     self.marks.setdefault(name, now)
                     self.counts[name] = self.counts.get(name, 0) + 1
                 out.write(line)
+                out.flush()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
