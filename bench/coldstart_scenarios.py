@@ -121,7 +121,7 @@ async def container_cold(bench: Bench, cache: str) -> None:
 async def first_request(bench: Bench) -> None:
     lengths = bench.lengths
     for system in bench.systems:
-        first: dict[str, list[float]] = {str(n): [] for n in lengths} | {"sampled": []}
+        first: dict[str, list[float]] = {key: [] for key in [*map(str, lengths), "sampled"]}
         steady: dict[str, list[float]] = {k: [] for k in first}
         for run in range(bench.repeats):
             if bench.over_budget():

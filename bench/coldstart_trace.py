@@ -210,7 +210,8 @@ async def replay(system: str, start: Callable[[], Instance], p: TraceParams,
         idle = p.window(p.gpu_idle_s)
         gpu_s = _union([(a, min(b + idle, _life_end(lives, a))) for a, b in requests])
     ttfts = [r.ttft_s for r in results if r is not None and r.ok and r.ttft_s is not None]
-    failed = [r.error or r.status for r in results if r is None or not r.ok]
+    failed = ["never sent" if r is None else (r.error or r.status)
+              for r in results if r is None or not r.ok]
     return {"ttft_s": percentiles(ttfts) if ttfts else None, "requests": len(plan),
             "failed": [str(f) for f in failed], "instance_starts": platform.starts,
             "gpu_seconds_modelled": gpu_s, "duration_s": held_until,

@@ -27,7 +27,8 @@ COLORS = {"front": "#bbbbbb", "function_start": "#d62728", "zygote_import": "#17
 
 
 def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    runs, records = [], []
+    runs: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     for path in paths:
         for item in json.loads(path.read_text()):
             (runs if item.get("scenario") == "run" else records).append(item)
