@@ -24,6 +24,18 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 PROMPT = list(range(1, 17))
+# Llama shapes with random weights (bf16): the GPU benchmarks build them on the device.
+SHAPES: dict[str, dict[str, Any]] = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                 max_position_embeddings=256, tie_word_embeddings=False),
+}
 
 
 def measure_start(function_dir: Path, out: Path, template: Path | None = None,
@@ -59,10 +71,12 @@ def repeat_starts(label: str, repeats: int, work: Path, **kwargs: Any) -> dict[s
     return summary
 
 
-def run_tracer(function_dir: Path, template: Path, *extra: str) -> dict[str, Any]:
+def run_tracer(function_dir: Path, template: Path, *extra: str,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out",
-                           str(template), *extra], capture_output=True, text=True, check=False)
+                           str(template), *extra], capture_output=True, text=True, check=False,
+                          env=env)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"tracer failed:\n{done.stderr[-3000:]}")

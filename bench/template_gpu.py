@@ -29,17 +29,7 @@ from typing import Any
 import template_common as common
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES: dict[str, dict[str, Any]] = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               max_position_embeddings=8192, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               max_position_embeddings=8192, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                 max_position_embeddings=256, tie_word_embeddings=False),
-}
+SHAPES = common.SHAPES
 HANDLER = '''\
 import os
 
