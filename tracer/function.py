@@ -32,7 +32,6 @@ SAMPLES_DIR = "samples"
 HANDLER_PACKAGE = "function"
 
 _CHAT = {
-    "model": "default",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 8,
     "temperature": 0,

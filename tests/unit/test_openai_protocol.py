@@ -457,9 +457,6 @@ def test_served_names_aliases_and_any_name_are_answered(aliases: str, name: str 
         assert card["statusCode"] == 200 and card["body"]["id"] == "scripted"
 
 
-@pytest.mark.xfail(strict=True, reason="the tracer's default samples ask for model 'default', "
-                   "which the default handler does not serve: tracer/function.py should leave "
-                   "'model' out (the served model then answers); then drop this marker")
 def test_the_tracers_default_samples_are_answered_not_rejected() -> None:
     """A build traces these when a function has no samples/: a 404 would warm up nothing."""
     from fwatchdog.tracer.function import DEFAULT_SAMPLES, parse_sample
