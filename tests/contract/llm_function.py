@@ -90,24 +90,36 @@ def handle(event, context):
 SAMPLE = {"method": "GET", "path": "/generate"}
 
 
-def make_function(function_dir: Path) -> Path:
+# The same function placing its model where a GPU node would: on CUDA when there is one.
+GPU_HANDLER = HANDLER.replace(
+    "model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)",
+    "DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+    "model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, device_map=DEVICE)",
+).replace("torch.tensor([[1, 2, 3, 4]])", "torch.tensor([[1, 2, 3, 4]], device=model.device)")
+
+
+def make_function(function_dir: Path, handler: str = HANDLER) -> Path:
     """A function folder: handler.py, a random tiny Llama, one sample."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
     try:
         import tc_helpers
     finally:
         sys.path.pop(0)
-    tc_helpers.make_tiny_llama(function_dir, handler=HANDLER)
+    tc_helpers.make_tiny_llama(function_dir, handler=handler)
     (function_dir / "samples").mkdir(exist_ok=True)
     (function_dir / "samples" / "generate.json").write_text(json.dumps(SAMPLE))
     return function_dir
 
 
-def trace(function_dir: Path, out: Path) -> Path:
+def trace(function_dir: Path, out: Path, *, hide_gpu: bool = False) -> Path:
+    """The tracer as an image build runs it; ``hide_gpu``: as on a build machine
+    without a GPU."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if hide_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(
         [sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        capture_output=True, text=True, timeout=300, check=False, env=env)
     if result.returncode != 0:
         raise AssertionError(f"tracer failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return out
