@@ -44,7 +44,7 @@ class Stream:
 
 def body(content: str, max_tokens: int, sampled: bool = False, seed: int = 0) -> dict[str, Any]:
     request: dict[str, Any] = {
-        "model": "bench", "stream": True, "stream_options": {"include_usage": True},
+        "stream": True, "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
     }
     if sampled:
