@@ -49,7 +49,6 @@ class State:
     accepting: bool = False  # True once serving; False from the first SIGTERM on
     draining: bool = False
     serving: asyncio.Event = field(default_factory=asyncio.Event)  # the mode has started
-    inflight: int = 0  # requests for the function now being handled
 
 
 class SignalRecorder:

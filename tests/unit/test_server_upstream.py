@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from fwatchdog.upstream import Pool, UpstreamError
+from fwatchdog.upstream import BrokenBody, Pool, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -150,7 +150,7 @@ def test_truncated_body_raises_and_head_errors_are_upstream_errors():
         server, port, _ = await _serve(short)
         pool = Pool("127.0.0.1", port)
         resp = await pool.request("GET", "/", [("Host", "h")])
-        with pytest.raises(asyncio.IncompleteReadError):
+        with pytest.raises(BrokenBody):
             await resp.read()
         server.close()
         server, port, _ = await _serve(garbage)
@@ -257,7 +257,7 @@ def test_idle_connection_that_received_unsolicited_bytes_is_not_reused():
         idle = pool._idle[0]
         extra.set()
         deadline = asyncio.get_running_loop().time() + 5
-        while not idle.reader._buffer:  # poll: the unsolicited bytes reach the reader
+        while idle.usable():  # poll: the unsolicited bytes reach the connection
             assert asyncio.get_running_loop().time() < deadline, "no unsolicited bytes"
             await asyncio.sleep(0.01)
         second = await pool.request("GET", "/", [("Host", "h")])
