@@ -16,8 +16,8 @@ give the same client-visible result on either path:
 - **framing** (:func:`plan`):
 
   =====================================  ===========================================
-  HEAD, 204, 304                         no body; ``Content-Length`` the function
-                                         announced (HEAD and 304), none for 204
+  HEAD, 204, 304                         no body; for HEAD the ``Content-Length``
+                                         the function announced, none for 204, 304
   a length up to ``WHOLE_RESPONSE_LIMIT``  read whole under the deadline, then
   and no stream asked for                written with ``Content-Length`` = what was
                                          read; a body that breaks off: 502
@@ -96,7 +96,7 @@ def plan(method: str, upstream: Response, started: float, stream: bool) -> Plan:
     status = upstream.status
     length = upstream.content_length
     if no_body(method, status):
-        announced = length if status != 204 else None
+        announced = length if method == "HEAD" and status not in (204, 304) else None
         return Plan(headers, has_date, True, False, announced)
     whole = not stream and length is not None and length <= WHOLE_RESPONSE_LIMIT
     return Plan(headers, has_date, False, whole, length)
@@ -108,12 +108,13 @@ def serialize_head(status: int, reason: str, headers: list[tuple[str, str]], *,
     """A response head; ``date`` is added when not None, framing from ``length``/``chunked``."""
     lines = [f"HTTP/1.1 {status} {phrase(status, reason)}\r\n"]
     lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-    if date is not None:
-        lines.append(f"Date: {date}\r\n")
+    # Framing, Date, Connection: the order aiohttp writes them in on the other front.
     if length is not None:
         lines.append(f"Content-Length: {length}\r\n")
     elif chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
+    if date is not None:
+        lines.append(f"Date: {date}\r\n")
     if not keep_alive:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")

@@ -557,6 +557,11 @@ class Pool:
                 transport.writelines((head, data) if data else (head,))
                 await waiter
             if conn.error is not None:
+                if conn.head is not None and not isinstance(conn.error, _Stale):
+                    # The body broke its framing in what arrived with the head:
+                    # nothing has reached the client yet, so it is a malformed
+                    # response (502), not a cut one.
+                    raise MalformedResponse(str(conn.error)) from None
                 raise conn.error
             assert conn.head is not None
             return Response(conn.head, conn, self, writer_task)

@@ -147,7 +147,8 @@ class _BodyError(Exception):
 
 
 def _internal(status: int, started: float, text: str = "") -> web.Response:
-    resp = web.Response(status=status, text=text or None)
+    # _Verbatim: no Server header, as on the lean front (one answer on both paths).
+    resp = _Verbatim(status=status, text=text or None)
     resp.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
     resp.headers[INTERNAL] = "of-watchdog"
     return resp
