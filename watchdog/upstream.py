@@ -133,26 +133,26 @@ def _reason(raw: bytes) -> str:
     return ""
 
 
-def _check_head(status: int, raw_headers: list[tuple[bytes, bytes]]
+def _check_head(raw_headers: list[tuple[bytes, bytes]]
                 ) -> tuple[list[tuple[str, str]], int | None, bool]:
     """Decoded headers, Content-Length and chunked; :class:`_Reject` when not relayable."""
+    if _CTL.search(b"".join([value for _, value in raw_headers])) is not None:
+        raise _Reject("control byte in a header value")
     headers: list[tuple[str, str]] = []
     length: int | None = None
     encodings: list[str] = []
     for raw_name, raw_value in raw_headers:
-        value_bytes = raw_value.strip(b" \t")
-        if _CTL.search(value_bytes) is not None:
-            raise _Reject("control byte in a header value")
         name = raw_name.decode("ascii")  # llhttp admits only token characters
         try:
-            value = value_bytes.decode("utf-8")
+            value = raw_value.decode("utf-8").strip(" \t")
         except UnicodeDecodeError:
             raise _Reject(f"header {name} is not UTF-8 text") from None
-        low = name.lower()
-        if low == "content-length":
-            length = int(value)  # llhttp admits only digits, once
-        elif low == "transfer-encoding":
-            encodings.append(value)
+        if len(name) in (14, 17):  # len("content-length"), len("transfer-encoding")
+            low = name.lower()
+            if low == "content-length":
+                length = int(value)  # llhttp admits only digits, once
+            elif low == "transfer-encoding":
+                encodings.append(value)
         headers.append((name, value))
     chunked = False
     if encodings:
@@ -341,7 +341,7 @@ class _Conn(asyncio.Protocol):
             return
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise _Reject(f"HTTP/{parser.get_http_version()} status line")
-        headers, length, chunked = _check_head(status, self.raw_headers)
+        headers, length, chunked = _check_head(self.raw_headers)
         no_body = self.head_only or status in (204, 304)
         self.until_eof = not no_body and not chunked and length is None
         self.head = _Head(status, _reason(self.reason_raw), headers,
