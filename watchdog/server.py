@@ -21,11 +21,17 @@ Shutdown order (:meth:`Watchdog.shutdown`), read top to bottom:
 1. stop accepting for health/ready (503) and remove the lock file;
 2. keep serving what arrives and what is in flight;
 3. wait ``healthcheck_interval`` so load balancers see the 503 (skipped under
-   Knative, where queue-proxy drained before sending SIGTERM, and on SIGINT);
+   Knative, where queue-proxy drained before sending SIGTERM);
 4. stop the listener (and the fast front's);
 5. drain in-flight requests for up to ``write_timeout`` (both fronts at once);
-6. stop the mode (http: SIGTERM to the function, whose exit is then expected);
+6. stop the mode (http: SIGTERM to the function's group, whose exit is then
+   expected);
 7. exit 0.
+SIGINT and SIGHUP start the same shutdown as SIGTERM. A second one of the three
+(or SIGQUIT, which also writes the threads' stacks to stderr and exits 2) cuts
+it short wherever it is: no more waiting in 3., the connections still in flight
+are closed in 5., and the mode stops without its grace in 6. (see
+:mod:`fwatchdog.lifecycle` for the table).
 If the mode's process dies outside a shutdown (``ctx.fatal``), the watchdog
 removes the lock file and exits 1 so the platform restarts the container.
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -101,9 +108,11 @@ class Watchdog:
         self.state = State()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = HttpMetrics(self.registry)
-        self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr)
+        self.signals = SignalRecorder(on_quit=self._dump_stacks)
+        self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr,
+                               forced=self.signals.forced)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
-        self.signals = SignalRecorder()
+        self._stderr = stderr
         self.accounting = Accounting(
             max_inflight=config.max_inflight, metrics=self.metrics,
             access=accesslog.AccessLog(stderr, with_call_id=config.log_callid), clock=clock)
@@ -346,7 +355,7 @@ class Watchdog:
                 return 1
             self.log.info(kv("shutdown", signal=self.signals.received.name, phase="starting"))
             await self._stop_everything()
-            return 0
+            return self._exit_code()
         exc = start.exception()
         if exc is not None:
             message = str(exc) if isinstance(exc, StartError) else repr(exc)
@@ -355,33 +364,66 @@ class Watchdog:
             return 1
         return None
 
+    def _dump_stacks(self) -> None:
+        """SIGQUIT: every thread's stack to stderr (what a Go program prints)."""
+        self.log.info(kv("sigquit", action="stacks to stderr, then stop without draining"))
+        with contextlib.suppress(Exception):  # stderr without a file descriptor
+            faulthandler.dump_traceback(file=self._stderr, all_threads=True)
+
+    def _exit_code(self) -> int:
+        return 2 if self.signals.quit else 0
+
     async def shutdown(self) -> int:
         """SIGTERM: the drain order of the module docstring, top to bottom."""
         cfg = self.config
-        sig = self.signals.received or signal.SIGTERM
+        signals = self.signals
+        sig = signals.received or signal.SIGTERM
         # 1. unready, lock file gone
         self.state.accepting = False
         self.state.draining = True
         self.lock.remove()
         wait = cfg.healthcheck_interval
-        skip = "knative" if cfg.knative else ("sigint" if sig is signal.SIGINT else "")
+        skip = "knative" if cfg.knative else ("forced" if signals.forced.is_set() else "")
         self.log.info(kv("shutdown", signal=sig.name, inflight=self.accounting.inflight,
                          wait=format_duration(0 if skip else wait), skip_wait=skip or "no"))
         # 2. keep serving: the listener stays open while we wait.
-        # 3. wait for load balancers to notice; a dead function leaves nothing to serve.
+        # 3. wait for load balancers to notice; a dead function leaves nothing to
+        #    serve, and a second signal means now.
         if not skip and wait > 0:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ctx.fatal.wait(), wait)
+                await asyncio.wait_for(self._first(self.ctx.fatal, signals.forced), wait)
         # 4. + 5. stop the listener, drain in-flight requests up to write_timeout
         self.log.info(kv("draining", inflight=self.accounting.inflight,
                          timeout=format_duration(cfg.write_timeout)))
-        await self._stop_listener()
+        await self._drain()
         # 6. stop the mode: its processes ending now is expected, not an error
         await self.mode.stop()
         await self._stop_metrics()
         # 7.
-        self.log.info(kv("exit", code=0, inflight=self.accounting.inflight))
-        return 0
+        code = self._exit_code()
+        self.log.info(kv("exit", code=code, inflight=self.accounting.inflight,
+                         forced=signals.forced.is_set()))
+        return code
+
+    async def _drain(self) -> None:
+        """Stop the listeners and drain; a second signal cuts what is still in flight."""
+        fast = self._fast
+        runner = self._runner
+        drain = asyncio.ensure_future(self._stop_listener())
+        forced = asyncio.ensure_future(self.signals.forced.wait())
+        try:
+            await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                self.log.info(kv("shutdown_forced", inflight=self.accounting.inflight))
+                if fast is not None:
+                    for conn in list(fast.connections):
+                        conn.abort()
+                if runner is not None and runner.server is not None:
+                    for handler in runner.server.connections:
+                        handler.force_close()
+            await drain
+        finally:
+            forced.cancel()
 
     async def fail(self) -> int:
         """The function's process died while serving: exit 1 so it is restarted."""

@@ -113,6 +113,9 @@ class ModeContext:
     fatal: asyncio.Event = field(default_factory=asyncio.Event)
     # Pids of children the mode waits on itself; the reaper leaves them alone.
     children: set[int] = field(default_factory=set)
+    # Set when the shutdown is cut short (a second SIGTERM, SIGQUIT): stop()
+    # then ends the mode's processes without waiting out their grace.
+    forced: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ModeHandler(abc.ABC):

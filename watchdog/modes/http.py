@@ -320,17 +320,24 @@ class HttpMode(ModeHandler):
         pgid = proc.pid  # start_new_session: the function leads its group
         if not _signal_group(pgid, signal.SIGTERM) and proc.returncode is not None:
             return  # nobody left in the group
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._wait_exit()), grace)
+        forced = self.ctx.forced
+        exited = asyncio.ensure_future(self._wait_exit())
+        hurry = asyncio.ensure_future(forced.wait())
+        try:
+            await asyncio.wait({exited, hurry}, timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            exited.cancel()
         # The leader is gone (or out of time); its group may not be (an sh -c
         # wrapper exits at once while the function it started shuts down).
         delay = 0.01
-        while _group_alive(pgid) and loop.time() < deadline:
+        while not forced.is_set() and _group_alive(pgid) and loop.time() < deadline:
             await asyncio.sleep(delay)  # polling the kernel: no event says "group empty"
             delay = min(delay * 2, 0.1)
         if proc.returncode is None or _group_alive(pgid):
-            self.ctx.log.info(kv("function_killed", pid=proc.pid,
-                                 reason=f"no exit {grace:g}s after SIGTERM"))
+            why = "shutdown cut short" if forced.is_set() else f"no exit {grace:g}s after SIGTERM"
+            self.ctx.log.info(kv("function_killed", pid=proc.pid, reason=why))
             _signal_group(pgid, signal.SIGKILL)
             await self._wait_exit()
 
