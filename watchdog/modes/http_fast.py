@@ -1,12 +1,14 @@
-"""mode=http's lean front: plain requests proxied at the protocol level.
+"""The lean front: plain requests proxied at the protocol level.
 
 aiohttp's web layer (router, middlewares, Request and StreamResponse objects,
 header multidicts) costs several times what a small function spends answering.
-In http mode this front owns the serving port instead. Each connection is a
-:class:`FastConnection` (an :class:`asyncio.Protocol`) that reads request heads
-itself and proxies *plain* requests through http mode's keep-alive
-:class:`~fwatchdog.upstream.Pool`, writing the function's response back as
-bytes. Anything else is handed over to the aiohttp server, which then owns the
+For a mode that offers the lean front capability (http mode does; see
+:class:`~fwatchdog.modes.base.LeanProxy`) this front owns the serving port
+instead. Each connection is a :class:`FastConnection` (an
+:class:`asyncio.Protocol`) that reads request heads itself and proxies *plain*
+requests through the keep-alive :class:`~fwatchdog.upstream.Pool` that the
+mode's ``acquire`` hands out (TCP, or a Unix socket), writing the function's
+response back as bytes. Anything else is handed over to the aiohttp server, which then owns the
 connection for the rest of its life, so every unusual case keeps exactly one
 implementation.
 
