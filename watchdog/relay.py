@@ -46,13 +46,13 @@ import time
 from http import HTTPStatus
 from typing import NamedTuple
 
-from fwatchdog.proxyheaders import to_client_pairs
+from fwatchdog.proxyheaders import HOP_BY_HOP
 from fwatchdog.upstream import Response
 
 INTERNAL = "X-OpenFaaS-Internal"
 WHOLE_RESPONSE_LIMIT = 1 << 20  # read whole: known length up to this; stream above
 WHOLE_REQUEST_LIMIT = 256 << 10  # read whole: known length up to this; stream above
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "transfer-encoding"}
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -76,16 +76,27 @@ class Plan(NamedTuple):
 
 
 def client_headers(upstream: Response) -> tuple[list[tuple[str, str]], bool]:
-    """The function's headers a client gets, and whether one of them is ``Date``."""
+    """The function's headers a client gets, and whether one of them is ``Date``.
+
+    One pass (this runs for every request): hop-by-hop and framing headers
+    dropped, then the rare headers that ``Connection`` names.
+    """
     out: list[tuple[str, str]] = []
     has_date = False
-    for key, value in to_client_pairs(upstream.headers):
+    named: set[str] | None = None
+    for key, value in upstream.headers:
         low = key.lower()
-        if low in _FRAMING:
+        if low in _NOT_TO_CLIENT:
+            if low == "connection":
+                tokens = {t.strip().lower() for t in value.split(",") if t.strip()}
+                named = tokens if named is None else named | tokens
             continue
         if low == "date":
             has_date = True
         out.append((key, value))
+    if named:
+        out = [(k, v) for k, v in out if k.lower() not in named]
+        has_date = any(k.lower() == "date" for k, _ in out)
     return out, has_date
 
 
@@ -107,7 +118,7 @@ def serialize_head(status: int, reason: str, headers: list[tuple[str, str]], *,
                    keep_alive: bool) -> bytes:
     """A response head; ``date`` is added when not None, framing from ``length``/``chunked``."""
     lines = [f"HTTP/1.1 {status} {phrase(status, reason)}\r\n"]
-    lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+    lines += [f"{k}: {v}\r\n" for k, v in headers]
     # Framing, Date, Connection: the order aiohttp writes them in on the other front.
     if length is not None:
         lines.append(f"Content-Length: {length}\r\n")
