@@ -97,6 +97,7 @@ CORPUS: list[tuple[str, str, bytes, int, bytes | None]] = [
      OK + b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok", 200, b"ok"),
     ("head-with-length", "HEAD", OK + b"Content-Length: 5\r\n\r\n", 200, b""),
     ("head-over-sent", "HEAD", OK + b"Content-Length: 5\r\n\r\nhello", 200, b""),
+    ("head-malformed", "HEAD", OK + b"Content-Length: -1\r\n\r\n", BAD, b""),
 ]
 
 EXPECTED_REASON = {"reason-not-ascii": b"OK", "reason-empty": b"OK", "no-reason": b"OK",

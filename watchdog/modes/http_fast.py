@@ -473,20 +473,22 @@ class FastConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _plain(self, status: int, text: str, headers: list[tuple[str, str]],
-               keep_alive: bool) -> tuple[int, str, int]:
+               keep_alive: bool, head: bool = False) -> tuple[int, str, int]:
         body = text.encode()
         if body:
             headers = [("Content-Type", "text/plain; charset=utf-8"), *headers]
+        # An empty answer to HEAD carries no Content-Length, as aiohttp writes it.
+        length = None if head and not body else len(body)
         self._write(serialize_head(status, "", headers, date=self.front.clock.date(),
-                                   length=len(body), chunked=False, keep_alive=keep_alive)
-                    + body)
+                                   length=length, chunked=False, keep_alive=keep_alive)
+                    + (b"" if head else body))
         return status, phrase(status), len(body)
 
     def _internal(self, status: int, started: float, keep_alive: bool,
-                  text: str = "") -> tuple[int, str, int]:
+                  text: str = "", head: bool = False) -> tuple[int, str, int]:
         return self._plain(status, text, [("X-Duration-Seconds",
                                            f"{time.perf_counter() - started:f}"),
-                                          (INTERNAL, "of-watchdog")], keep_alive)
+                                          (INTERNAL, "of-watchdog")], keep_alive, head)
 
     def _head(self, upstream: Response, plan: Plan, length: int | None, chunked: bool,
               keep_alive: bool) -> bytes:
@@ -561,6 +563,7 @@ class FastConnection(asyncio.Protocol):
                         ) -> tuple[Outcome, tuple[int, str, int, bool]]:
         log = self.front.log
         keep = req.keep_alive
+        head = req.method == "HEAD"
         started = time.perf_counter()
         seconds = proxy.limit_for(req.x_timeout)
         deadline = self.loop.time() + seconds if seconds else None
@@ -580,7 +583,7 @@ class FastConnection(asyncio.Protocol):
                         # Nothing sent yet: an honest error beats a short body.
                         log.info(kv("upstream_error", uri=req.target, error=str(exc)))
                         upstream.close()
-                        return "error", (*self._internal(502, started, keep), keep)
+                        return "error", (*self._internal(502, started, keep, head=head), keep)
                     return "ok", (*self._whole(upstream, relay, data, keep), keep)
             except asyncio.CancelledError:
                 if not expiry.expired():
@@ -590,15 +593,15 @@ class FastConnection(asyncio.Protocol):
                 expiry.cancel()
         except asyncio.TimeoutError:
             log.info(kv("upstream_timeout", uri=req.target, exec_timeout=format_duration(seconds)))
-            return "timeout", (*self._internal(504, started, keep), keep)
+            return "timeout", (*self._internal(504, started, keep, head=head), keep)
         except Unavailable as exc:
-            return "error", (*self._internal(503, started, keep, f"{exc}\n"), keep)
+            return "error", (*self._internal(503, started, keep, f"{exc}\n", head), keep)
         except MalformedResponse as exc:
             log.info(kv("upstream_malformed", uri=req.target, error=str(exc)))
-            return "error", (*self._internal(502, started, keep), keep)
+            return "error", (*self._internal(502, started, keep, head=head), keep)
         except _RELAY_ERRORS as exc:
             log.info(kv("upstream_error", uri=req.target, error=str(exc)))
-            return "error", (*self._internal(500, started, keep), keep)
+            return "error", (*self._internal(500, started, keep, head=head), keep)
         try:
             ok, result = await self._stream(req, upstream, relay, deadline)
         finally:
