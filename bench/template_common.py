@@ -3,7 +3,7 @@
 As a script it is one measured handler start-up in a fresh process:
 
     python bench/template_common.py start FUNCTION_DIR OUT.json [--template DIR]
-        [--attach INFO.json] [--device cpu|cuda]
+        [--attach INFO.json [--attach-fd N]] [--device cpu|cuda]
 
 Times are wall-clock seconds from the moment the parent spawned the process
 (`FWATCHDOG_BENCH_SPAWNED`, time.time()), so interpreter start and imports count.
@@ -24,21 +24,35 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 PROMPT = list(range(1, 17))
+# Llama shapes with random weights (bf16): the GPU benchmarks build them on the device.
+SHAPES: dict[str, dict[str, Any]] = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                 max_position_embeddings=256, tie_word_embeddings=False),
+}
 
 
 def measure_start(function_dir: Path, out: Path, template: Path | None = None,
                   attach: Path | None = None, device: str = "cpu",
-                  timeout: float = 600) -> dict[str, Any]:
+                  timeout: float = 600, fds: tuple[int, ...] = ()) -> dict[str, Any]:
     command = [sys.executable, str(HERE), "start", str(function_dir), str(out),
                "--device", device]
     if template is not None:
         command += ["--template", str(template)]
     if attach is not None:
         command += ["--attach", str(attach)]
+    for fd in fds:  # a CPU holder's memfd, inherited under the same number
+        command += ["--attach-fd", str(fd)]
     env = {**os.environ, "FWATCHDOG_BENCH_SPAWNED": repr(time.time()),
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
+                          check=False, pass_fds=fds)
     if done.returncode != 0:
         raise RuntimeError(f"start-up failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -57,10 +71,12 @@ def repeat_starts(label: str, repeats: int, work: Path, **kwargs: Any) -> dict[s
     return summary
 
 
-def run_tracer(function_dir: Path, template: Path, *extra: str) -> dict[str, Any]:
+def run_tracer(function_dir: Path, template: Path, *extra: str,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out",
-                           str(template), *extra], capture_output=True, text=True, check=False)
+                           str(template), *extra], capture_output=True, text=True, check=False,
+                          env=env)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"tracer failed:\n{done.stderr[-3000:]}")
@@ -116,6 +132,7 @@ def _start(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--template", type=Path)
     parser.add_argument("--attach", type=Path)
+    parser.add_argument("--attach-fd", type=int, action="append", default=[])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -146,7 +163,7 @@ def _start(argv: list[str]) -> int:
 
             info = HandleInfo.from_json(args.attach.read_text())
             before = time.perf_counter()
-            source = attach(info)
+            source = attach(info, args.attach_fd)
             result["attach_s"] = time.perf_counter() - before
         with restore(args.template.resolve(), function_dir, source=source) as stats:
             handler = import_handler(function_dir)

@@ -11,7 +11,7 @@ On CPU, as CI checks that it still runs:
 
 Steps: build the model on the device and `save_pretrained` it into a function folder
 whose handler loads it with `from_pretrained(..., dtype=bfloat16, device_map=DEVICE)`;
-trace it; hold the template (one device buffer, one CUDA IPC handle; /dev/shm on CPU)
+trace it; hold the template (one device buffer, one CUDA IPC handle; a sealed memfd on CPU)
 in this process; then fresh processes: attach only (time to open the handle), ordinary
 start, start restored from the held template. Prints a table last.
 """
@@ -29,17 +29,7 @@ from typing import Any
 import template_common as common
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES: dict[str, dict[str, Any]] = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               max_position_embeddings=8192, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               max_position_embeddings=8192, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                 max_position_embeddings=256, tie_word_embeddings=False),
-}
+SHAPES = common.SHAPES
 HANDLER = '''\
 import os
 
@@ -63,11 +53,12 @@ import json, sys, time
 import torch
 from fwatchdog.template_cache.holder import HandleInfo, attach
 info = HandleInfo.from_json(open(sys.argv[1]).read())
+fds = [int(fd) for fd in sys.argv[2:]]
 if info.kind == "cuda_ipc":
     torch.empty(1, device=info.device)
     torch.cuda.synchronize()
 started = time.perf_counter()
-source = attach(info)
+source = attach(info, fds)
 elapsed = time.perf_counter() - started
 print(json.dumps({"attach_s": elapsed}))
 '''
@@ -96,14 +87,15 @@ def build_function(root: Path, shape: str, device: str) -> Path:
     return function_dir
 
 
-def attach_only(info: Path, repeats: int) -> list[float]:
+def attach_only(info: Path, repeats: int, fds: tuple[int, ...]) -> list[float]:
     import subprocess
     import sys
 
     times = []
     for _ in range(repeats):
-        done = subprocess.run([sys.executable, "-c", ATTACH_ONLY, str(info)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", ATTACH_ONLY, str(info),
+                               *(str(fd) for fd in fds)],
+                              capture_output=True, text=True, check=True, pass_fds=fds)
         times.append(json.loads(done.stdout.strip().splitlines()[-1])["attach_s"])
     return times
 
@@ -135,17 +127,27 @@ def main() -> int:
         results["trace"] = common.run_tracer(function_dir, template, "--runs", args.runs)
         results["ordinary"] = common.repeat_starts("ordinary", args.repeats, scratch,
                                                    function_dir=function_dir, device=device)
+        # The holder's fill rate with and without inline verification, alternating so
+        # that the page cache is equally warm for both.
+        results["hold_rates"] = []
+        for verify in ["none", "full"] * max(1, args.repeats):
+            with hold(template, function_dir, device=device, verify=verify) as holder:
+                assert holder.stats is not None
+                results["hold_rates"].append({
+                    "verify": verify, "seconds": holder.stats.seconds,
+                    "gb_per_s": holder.stats.gb_per_s, "readers": holder.stats.readers})
         started = time.perf_counter()
         with hold(template, function_dir, device=device) as holder:
             results["hold_s"] = time.perf_counter() - started
             info = scratch / "holder.json"
             info.write_text(holder.info.to_json())
+            fds = tuple(holder.fds())
             results["holder_kind"] = holder.info.kind
             results["held_bytes"] = holder.info.size
-            results["attach_only_s"] = attach_only(info, args.repeats)
+            results["attach_only_s"] = attach_only(info, args.repeats, fds)
             results["template_holder"] = common.repeat_starts(
                 "holder", args.repeats, scratch, function_dir=function_dir, template=template,
-                attach=info, device=device)
+                attach=info, device=device, fds=fds)
         results["template_files"] = common.repeat_starts(
             "files", args.repeats, scratch, function_dir=function_dir, template=template,
             device=device)
@@ -158,6 +160,9 @@ def main() -> int:
     print(f"shape {args.shape} on {device}: tracer {trace['tracer_s']:.1f} s, template "
           f"{trace['template_dir_bytes'] / 1e6:.1f} MB (+{trace['referenced_bytes'] / 1e9:.2f} GB"
           f" referenced), hold {results['hold_s']:.2f} s ({results['holder_kind']})")
+    for verify in ("none", "full"):
+        rates = sorted(r["gb_per_s"] for r in results["hold_rates"] if r["verify"] == verify)
+        print(f"holder fill, verify={verify}: {', '.join(f'{r:.2f}' for r in rates)} GB/s")
     attach_ms = sorted(1000 * t for t in results["attach_only_s"])
     print(f"attach in a fresh process: {', '.join(f'{t:.1f}' for t in attach_ms)} ms"
           " (target < 50 ms)")

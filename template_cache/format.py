@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 FORMAT_NAME = "fwatchdog-template"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PACKED_NAME = "weights.bin"
 ALIGNMENT = 64
@@ -73,6 +73,8 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+    rest_xxh3: str  # XXH3-128 of the bytes no tensor entry covers (checksum.py)
+    mtime_ns: int | None = None  # as traced; only the opt-in quick check reads it
 
     def resolve(self, template_dir: Path, function_dir: Path | None) -> Path:
         if self.base is FileBase.ABSOLUTE:
@@ -93,6 +95,7 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     sha256: str
+    xxh3: str  # piece-wise XXH3-128 (checksum.py), checked while the bytes stream
     mutated: bool
 
     @property
@@ -152,6 +155,8 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
             path=f["path"],
             size=f["size"],
             sha256=f["sha256"],
+            rest_xxh3=f["rest_xxh3"],
+            mtime_ns=f.get("mtime_ns"),
         )
         for f in raw["files"]
     )
@@ -164,6 +169,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
             dtype=t["dtype"],
             shape=tuple(t["shape"]),
             sha256=t["sha256"],
+            xxh3=t["xxh3"],
             mutated=t["mutated"],
         )
         for t in raw["tensors"]

@@ -8,9 +8,17 @@ restore library passes hooks that serve tensors from a template.
 Invariants:
 - Leaving the context (normally or by an exception) puts back exactly the objects
   that were there when it was entered, in reverse order, so nesting is safe.
-- A loader called from inside another intercepted loader (transformers calling
-  safe_open inside from_pretrained) runs the original: only the outermost call of a
-  user's start-up is one "load".
+- A loader called from inside another intercepted loader on the same thread
+  (transformers calling safe_open inside from_pretrained) runs the original: only
+  the outermost call of a user's start-up is one "load". The depth is per thread, so
+  a load that another thread makes at the same time is still a load of its own.
+- A load's key never depends on the device it asks for (`device_map`, `device`,
+  `map_location`, given or not): the bytes a loader reads from a file do not depend
+  on it, so a template traced on a CPU build machine serves a start-up that asks for
+  a GPU; restore places the tensors where the running call asks.
+  A device argument that could split the tensors across devices (a device_map
+  naming several) stays in the key literally. The default dtype
+  (`torch.get_default_dtype()`) is part of every key.
 - Code that bound a loader before the context was entered (`from safetensors.torch
   import load_file` at an earlier import) keeps the original: enter the context
   before importing the function's handler.
@@ -22,6 +30,7 @@ import hashlib
 import importlib
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from enum import Enum
@@ -101,18 +110,74 @@ def normalise_path(path: Any, function_dir: Path | None) -> str | None:
     return text
 
 
+# Each loader's device argument: its keyword and its position in the call (after the
+# path, which is position 0); None where it can only be given by keyword.
+DEVICE_ARGUMENTS: dict[Loader, tuple[str, int | None]] = {
+    Loader.FROM_PRETRAINED: ("device_map", None),
+    Loader.LOAD_FILE: ("device", 1),
+    Loader.SAFE_OPEN: ("device", 2),
+    Loader.TORCH_LOAD: ("map_location", 1),
+}
+# device_map strategies that place every tensor on one device when one GPU is visible.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_argument(loader: Loader, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> tuple[bool, Any]:
+    """(given, value) of the call's device argument (args start with the path)."""
+    name, position = DEVICE_ARGUMENTS[loader]
+    if name in kwargs:
+        return True, kwargs[name]
+    if position is not None and len(args) > position:
+        return True, args[position]
+    return False, None
+
+
+def single_device(value: Any) -> str | None:
+    """The one device a device argument names ("cpu", "cuda", "cuda:1", or a device_map
+    strategy such as "auto"), or None when it may name several or is not plain."""
+    import torch
+
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return f"cuda:{value}" if value >= 0 else None
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, str):
+        if value in DEVICE_MAP_STRATEGIES:
+            return value
+        try:
+            return str(torch.device(value))
+        except (RuntimeError, ValueError):
+            return None
+    if isinstance(value, dict) and value:
+        devices = {single_device(v) for v in value.values()}
+        if len(devices) == 1 and None not in devices:
+            device = devices.pop()
+            return None if device in DEVICE_MAP_STRATEGIES else device
+    return None
+
+
+def path_first(args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with its path argument moved to the front of args, if given by keyword."""
+    if not args:
+        for name in ("pretrained_model_name_or_path", "filename", "f"):
+            if name in kwargs:
+                kwargs = dict(kwargs)
+                return (kwargs.pop(name),), kwargs
+    return args, kwargs
+
+
 def call_key(loader: Loader, owner: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              function_dir: Path | None) -> tuple[str | None, str]:
     """(key, reason): the key names one load; None with a reason when untraceable."""
-    if not args and "pretrained_model_name_or_path" in kwargs:
-        kwargs = dict(kwargs)
-        args = (kwargs.pop("pretrained_model_name_or_path"),)
-    if not args:
-        for name in ("filename", "f"):
-            if name in kwargs:
-                kwargs = dict(kwargs)
-                args = (kwargs.pop(name),)
-                break
+    import torch
+
+    args, kwargs = path_first(args, kwargs)
     if not args:
         return None, "no path argument"
     path = normalise_path(args[0], function_dir)
@@ -122,34 +187,42 @@ def call_key(loader: Loader, owner: Any, args: tuple[Any, ...], kwargs: dict[str
     if owner is not None:
         parts.append(f"cls={owner.__module__}.{owner.__qualname__}")
     parts.append(f"path={path!r}")
+    device_name, device_position = DEVICE_ARGUMENTS[loader]
     for index, value in enumerate(args[1:], start=1):
+        if index == device_position and (value is None or single_device(value) is not None):
+            continue  # the device never changes the bytes (module doc)
         text = plain_repr(value)
         if text is None:
             return None, f"argument {index} is a {type(value).__name__}"
         parts.append(f"arg{index}={text}")
     for name in sorted(kwargs):
+        if name == device_name and (kwargs[name] is None
+                                    or single_device(kwargs[name]) is not None):
+            continue
         text = plain_repr(kwargs[name])
         if text is None:
             return None, f"argument {name} is a {type(kwargs[name]).__name__}"
         parts.append(f"{name}={text}")
+    parts.append(f"default_dtype={str(torch.get_default_dtype())!r}")
     return "|".join(parts), ""
 
 
 @contextmanager
 def intercept_loaders(hooks: LoaderHooks) -> Iterator[None]:
-    depth = [0]  # per context: inner loader calls pass through
+    state = threading.local()  # per context and thread: inner loader calls pass through
 
     def guarded(loader: Loader, original: Callable[..., Any]) -> Callable[..., Any]:
         def call(owner: Any, *args: Any, **kwargs: Any) -> Any:
-            if depth[0]:
+            depth = getattr(state, "depth", 0)
+            if depth:
                 return original(*args, **kwargs) if owner is None else original(
                     owner, *args, **kwargs)
-            depth[0] += 1
+            state.depth = depth + 1
             try:
                 bound = original if owner is None else _bind(original, owner)
                 return hooks.handle(loader, bound, owner, args, kwargs)
             finally:
-                depth[0] -= 1
+                state.depth = depth
 
         return call
 

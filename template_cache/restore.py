@@ -7,16 +7,22 @@ template.
 Invariants:
 - Wrong weights are impossible, a slow start is acceptable: the template is used only
   when its manifest is sound, its fingerprint matches this environment, and its
-  files hash to what the manifest says (or a holder that checked them hands out the
-  bytes). Otherwise nothing is intercepted and the start-up runs the ordinary way;
+  files' bytes match the manifest's per-tensor and rest checksums (checked by
+  several threads, stream.py), or a holder that checked them hands out the bytes.
+  Otherwise nothing is intercepted and the start-up runs the ordinary way;
   `stats.rejected` and a `template_rejected` log line say why.
 - A load whose key was not traced runs the original loader (a miss); one the trace
   listed as skipped (dynamic, or not restorable) runs it too (`skipped`). Both are
   counted and logged. A served load that cannot be rebuilt falls
   back to the original loader too.
-- Tensors come back on the device the traced loader returned them on. Unmutated ones
-  are zero-copy views of shared memory (file mmaps or a holder's buffer); tensors the
-  samples mutated are private copies.
+- Tensors come back on the device the running call asks for (its `device_map`,
+  `device` or `map_location`, which the key leaves out), never the traced literal:
+  "cuda" and a device_map strategy ("auto") mean the holder's GPU when the source
+  is one, else the current GPU ("auto" with several visible GPUs, which would split
+  the model, is a miss); no device argument means the loader's default. Unmutated
+  tensors already on that device are zero-copy views of shared memory (file mmaps
+  or a holder's buffer), listed in `stats.shared_tensors`; tensors the samples
+  mutated are private copies.
 - CPU file views are copy-on-write mappings: a handler writing to a weight changes
   only its own pages, never the files or other handlers.
 """
@@ -28,9 +34,9 @@ import importlib
 import logging
 import mmap
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +46,19 @@ import torch
 
 from fwatchdog.template_cache import fingerprint
 from fwatchdog.template_cache.format import MANIFEST_NAME, Manifest, TemplateError, TensorEntry
-from fwatchdog.template_cache.intercept import Loader, call_key, intercept_loaders
+from fwatchdog.template_cache.intercept import (
+    DEVICE_MAP_STRATEGIES,
+    Loader,
+    call_key,
+    device_argument,
+    intercept_loaders,
+    path_first,
+    single_device,
+)
 from fwatchdog.template_cache.module_state import apply_attributes
+from fwatchdog.template_cache.stream import Verify, check_files
 from fwatchdog.template_cache.tensors import view_tensor
 from fwatchdog.template_cache.verify import read_manifest, structure_problems
-from fwatchdog.template_cache.writer import sha256_file
 
 LOG = logging.getLogger("fwatchdog.template_cache")
 
@@ -58,6 +72,25 @@ class TensorSource(Protocol):
     def tensor(self, entry: TensorEntry) -> torch.Tensor: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A served tensor object that is a view of the source's bytes (a holder's buffer
+    or a file mapping): a Parameter, a buffer or a dict value. The runtime uses these
+    to point the objects at a new buffer after a reload (`repoint`)."""
+
+    entry: TensorEntry  # where its bytes are in the template
+    load_key: str  # the load that returned it
+    local_name: str  # its name in that load (parameter, buffer or dict key)
+    ref: weakref.ref[torch.Tensor]  # None once the function dropped it
+
+    @property
+    def index_name(self) -> str:
+        return self.entry.name
+
+    def tensor(self) -> torch.Tensor | None:
+        return self.ref()
 
 
 @dataclass
@@ -74,6 +107,9 @@ class RestoreStats:
     check_s: float = 0.0  # manifest, fingerprint and file hashes
     served_s: float = 0.0  # inside served loads (model skeleton, views)
     miss_reasons: list[str] = field(default_factory=list)
+    # Served objects that alias the source's bytes (not private copies), one per
+    # tensor object (tied weights: one Parameter, listed under its first name).
+    shared_tensors: list[SharedTensor] = field(default_factory=list)
 
 
 class MappedFiles:
@@ -107,8 +143,10 @@ def manifest_sha256(template_dir: Path) -> str:
 
 
 def check_template(template_dir: Path, function_dir: Path | None,
-                   source: TensorSource | None, hash_files: bool = True) -> Manifest:
-    """The manifest when this template may be used here; TemplateError saying why not."""
+                   source: TensorSource | None, verify: bool | str = True) -> Manifest:
+    """The manifest when this template may be used here; TemplateError saying why not.
+    `verify` says how the files' bytes are checked (stream.Verify); a verified source
+    (a holder's buffer) needs no check of the files."""
     manifest = read_manifest(template_dir)
     problems = structure_problems(manifest, template_dir, function_dir)
     if problems:
@@ -122,25 +160,24 @@ def check_template(template_dir: Path, function_dir: Path | None,
             raise TemplateError("the attached buffer holds another template")
         if source.verified:
             return manifest
-    if hash_files:
-        paths = [entry.resolve(template_dir, function_dir) for entry in manifest.files]
-        # hashlib and file reads release the GIL: shards hash in parallel.
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-            digests = list(pool.map(sha256_file, paths))
-        for entry, digest in zip(manifest.files, digests, strict=True):
-            if digest != entry.sha256:
-                raise TemplateError(f"file {entry.id} ({entry.path}) changed since the trace")
+    mode = Verify.of(verify)
+    if mode is not Verify.NONE:
+        paths = {entry.id: entry.resolve(template_dir, function_dir) for entry in manifest.files}
+        check_files(manifest, paths, mode)
     return manifest
 
 
 @contextmanager
 def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | None = None,
-            hash_files: bool = True) -> Iterator[RestoreStats]:
+            verify: bool | str = True) -> Iterator[RestoreStats]:
+    """Serve the traced loads of the start-up run inside this context from the
+    template: from `source` (a holder's AttachedBuffer) or from the files, which are
+    then checked as `verify` says ("full" by default, "quick" opt-in)."""
     template_dir = Path(template_dir)
     stats = RestoreStats(template=str(template_dir))
     started = time.perf_counter()
     try:
-        manifest = check_template(template_dir, function_dir, source, hash_files)
+        manifest = check_template(template_dir, function_dir, source, verify)
     except Exception as exc:  # noqa: BLE001 - any doubt about the template: ordinary start
         stats.check_s = time.perf_counter() - started
         stats.rejected = str(exc)
@@ -197,12 +234,13 @@ class _Server:
             return original(*args, **kwargs)
         started = time.perf_counter()
         try:
+            device = self._target(loader, load, args, kwargs)
             if loader is Loader.FROM_PRETRAINED:
-                result: Any = self._model(load)
+                result: Any = self._model(load, device)
             elif loader is Loader.SAFE_OPEN:
-                result = _ServedSafeOpen(self, load, original, args, kwargs)
+                result = _ServedSafeOpen(self, load, device, original, args, kwargs)
             else:
-                result = self._mapping(load)
+                result = self._mapping(load, device)
         except Exception as exc:  # noqa: BLE001 - never fail a start-up: load normally
             self._miss(loader, key, str(exc) if isinstance(exc, _Miss) else repr(exc))
             return original(*args, **kwargs)
@@ -218,27 +256,63 @@ class _Server:
         self._stats.miss_reasons.append(f"{loader.value}: {reason}")
         LOG.info("template_miss loader=%s key=%s reason=%r", loader.value, key, reason)
 
-    def tensor(self, load: dict[str, Any], index_name: str) -> torch.Tensor:
-        entry = self._entries[index_name]
-        shared = self._source.tensor(entry)
-        tensor = shared if str(shared.device) == load["device"] else shared.to(load["device"])
-        if entry.mutated and tensor.data_ptr() == shared.data_ptr():
-            tensor = tensor.clone()  # the function writes to it: never share it
-        self._stats.tensors_served += 1
-        return tensor
-
-    def _mapping(self, load: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _target(self, loader: Loader, load: dict[str, Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> torch.device:
+        """The device the running call asks for (module doc)."""
         if load["device"] == "mixed":
             raise _Miss("tensors on several devices")
+        given, value = device_argument(loader, *path_first(args, kwargs))
+        if not given or value is None:
+            if loader is Loader.TORCH_LOAD:  # the locations saved in the file
+                return torch.device(load["device"])
+            if loader is Loader.FROM_PRETRAINED:  # a `with torch.device(...)` block
+                return torch.get_default_device()
+            return torch.device("cpu")
+        name = single_device(value)
+        if name is None:  # a literal in the key: the traced placement
+            return torch.device(load["device"])
+        held = getattr(self._source, "device", None)
+        held_cuda = isinstance(held, torch.device) and held.type == "cuda"
+        if name == "cuda" or name in DEVICE_MAP_STRATEGIES:
+            if name != "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+                raise _Miss(f"device_map={name!r} over {torch.cuda.device_count()} GPUs"
+                            " would split the model")
+            if held_cuda:
+                assert isinstance(held, torch.device)
+                return held
+            if name == "cuda" or torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        return torch.device(name)
+
+    def tensor(self, load: dict[str, Any], index_name: str, device: torch.device
+               ) -> tuple[torch.Tensor, bool]:
+        """(the tensor on `device`, whether it is a view of the source's bytes)."""
+        entry = self._entries[index_name]
+        shared = self._source.tensor(entry)
+        tensor = shared if shared.device == device else shared.to(device)
+        aliased = tensor.data_ptr() == shared.data_ptr() and tensor.device == shared.device
+        if entry.mutated and aliased:
+            tensor, aliased = tensor.clone(), False  # the function writes to it: never share
+        self._stats.tensors_served += 1
+        return tensor, aliased
+
+    def share(self, load: dict[str, Any], local: str, index_name: str, obj: torch.Tensor,
+              aliased: bool) -> torch.Tensor:
+        if aliased and self._entries[index_name].nbytes:
+            self._stats.shared_tensors.append(SharedTensor(
+                self._entries[index_name], load["key"], local, weakref.ref(obj)))
+        return obj
+
+    def _mapping(self, load: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         container: dict[str, torch.Tensor] = (
             OrderedDict() if load.get("container") == "OrderedDict" else {})
         for local, index_name in load["tensors"].items():
-            container[local] = self.tensor(load, index_name)
+            tensor, aliased = self.tensor(load, index_name, device)
+            container[local] = self.share(load, local, index_name, tensor, aliased)
         return container
 
-    def _model(self, load: dict[str, Any]) -> Any:
-        if load["device"] == "mixed":
-            raise _Miss("tensors on several devices")
+    def _model(self, load: dict[str, Any], device: torch.device) -> Any:
         info = load["model"]
         try:
             model: Any = build_skeleton(info)
@@ -254,14 +328,16 @@ class _Server:
         for local in params:
             index_name = load["tensors"][local]
             if index_name not in made:  # tied weights: one Parameter for every name
-                made[index_name] = torch.nn.Parameter(self.tensor(load, index_name),
-                                                      requires_grad=index_name in grads)
+                tensor, aliased = self.tensor(load, index_name, device)
+                made[index_name] = self.share(load, local, index_name, torch.nn.Parameter(
+                    tensor, requires_grad=index_name in grads), aliased)
             module, leaf = _owner(model, local)
             module._parameters[leaf] = made[index_name]
         for local in buffers:
             index_name = load["tensors"][local]
             if index_name not in made:
-                made[index_name] = self.tensor(load, index_name)
+                tensor, aliased = self.tensor(load, index_name, device)
+                made[index_name] = self.share(load, local, index_name, tensor, aliased)
             module, leaf = _owner(model, local)
             module._buffers[leaf] = made[index_name]
         if info.get("generation_config") is not None:
@@ -276,10 +352,12 @@ class _Server:
 class _ServedSafeOpen:
     """safe_open's handle: traced tensors from the template, others from the real file."""
 
-    def __init__(self, server: _Server, load: dict[str, Any], original: Callable[..., Any],
-                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, server: _Server, load: dict[str, Any], device: torch.device,
+                 original: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
         self._server = server
         self._load = load
+        self._device = device
         self._open = lambda: original(*args, **kwargs)
         self._real: Any = None
 
@@ -299,10 +377,29 @@ class _ServedSafeOpen:
         if index_name is None:
             self._server._miss(Loader.SAFE_OPEN, self._load["key"], f"tensor {name} not traced")
             return self._file().get_tensor(name)
-        return self._server.tensor(self._load, index_name)
+        tensor, aliased = self._server.tensor(self._load, index_name, self._device)
+        return self._server.share(self._load, name, index_name, tensor, aliased)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._file(), attr)
+
+
+def repoint(shared: Iterable[SharedTensor], source: TensorSource) -> int:
+    """Point every still-alive served object at the same tensor in `source` (a new
+    buffer after a holder's reload): `obj.data = view`, so Parameters, tied weights
+    and every reference to them stay the same objects. Returns how many moved.
+    TemplateError if `source` holds another template or lacks a tensor."""
+    moved = 0
+    for item in shared:
+        obj = item.tensor()
+        if obj is None:
+            continue
+        view = source.tensor(item.entry)
+        if view.shape != obj.shape or view.dtype != obj.dtype:
+            raise TemplateError(f"tensor {item.index_name} differs in the new source")
+        obj.data = view if view.device == obj.device else view.to(obj.device)
+        moved += 1
+    return moved
 
 
 def build_skeleton(info: dict[str, Any]) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fwatchdog.template_cache import checksum
 from fwatchdog.template_cache.format import (
     ALIGNMENT,
     DTYPE_ITEMSIZE,
@@ -74,9 +75,9 @@ class _MinimalValidator:
 
     FIELDS: dict[str, dict[str, type]] = {
         "files": {"id": str, "role": str, "base": str, "path": str, "size": int,
-                  "sha256": str},
+                  "sha256": str, "rest_xxh3": str},
         "tensors": {"name": str, "file": str, "offset": int, "nbytes": int, "dtype": str,
-                    "shape": list, "sha256": str, "mutated": bool},
+                    "shape": list, "sha256": str, "xxh3": str, "mutated": bool},
         "loads": {"loader": str, "key": str, "device": str, "tensors": dict,
                   "access_order": list},
         "skipped_loads": {"loader": str, "key": str, "reason": str},
@@ -114,6 +115,11 @@ class _MinimalValidator:
                             (section, name)]:
                         yield _SchemaError(f"{value!r} is not one of the allowed values", where)
                 shape = item.get("shape")
+                mtime = item.get("mtime_ns")
+                if section == "files" and mtime is not None and (
+                        not isinstance(mtime, int) or isinstance(mtime, bool)):
+                    yield _SchemaError(f"{mtime!r} is not of type int",
+                                       (section, index, "mtime_ns"))
                 if section == "tensors" and isinstance(shape, list) and not all(
                         isinstance(d, int) and not isinstance(d, bool) and d >= 0
                         for d in shape):
@@ -225,9 +231,18 @@ def content_problems(
             try:
                 if hashlib.sha256(view).hexdigest() != entry.sha256:
                     problems.append(f"file {entry.id} ({entry.path}): sha256 does not match")
+                data = memoryview(view)
                 for t in tensors:
                     if hashlib.sha256(view[t.offset : t.end]).hexdigest() != t.sha256:
                         problems.append(f"tensor {t.name}: sha256 does not match its bytes")
+                    elif checksum.tensor_xxh3(data[t.offset : t.end]) != t.xxh3:
+                        problems.append(f"tensor {t.name}: xxh3 does not match its bytes")
+                ranges = checksum.rest_ranges(entry.size, [(t.offset, t.end) for t in tensors])
+                rest = checksum.rest_xxh3_of(data, ranges)
+                data.release()
+                if rest != entry.rest_xxh3:
+                    problems.append(f"file {entry.id} ({entry.path}): rest_xxh3 does not match"
+                                    " the bytes outside its tensors")
                 if entry.role is FileRole.PACKED:
                     problems.extend(_padding_problems(entry, view, tensors))
             finally:

@@ -13,11 +13,13 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import mmap
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fwatchdog.template_cache import checksum
 from fwatchdog.template_cache.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -57,12 +59,16 @@ class TemplateWriter:
 
     out_dir: Path
     created_by: str = "fwatchdog.tracer"
+    # Record each file's mtime for the opt-in quick check (off for golden files,
+    # whose bytes must not depend on when they were written).
+    record_mtimes: bool = False
     _files: list[dict[str, Any]] = field(default_factory=list)
     _tensors: list[dict[str, Any]] = field(default_factory=list)
     _packed_size: int = 0
     _packed_digest: Any = field(default_factory=hashlib.sha256)
     _packed_handle: Any = None
     _names: set[str] = field(default_factory=set)
+    _local: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -72,7 +78,10 @@ class TemplateWriter:
         self._partial.mkdir(parents=True)
         self._packed_handle = open(self._partial / PACKED_NAME, "wb")  # noqa: SIM115
 
-    def add_source_file(self, path: str, base: FileBase, size: int, sha256: str) -> str:
+    def add_source_file(self, path: str, base: FileBase, size: int, sha256: str, *,
+                        local: Path) -> str:
+        """`local` is where the file is now: the writer reads it for the checksums of
+        version 2 (each tensor's xxh3 and the rest of the file)."""
         if base is FileBase.TEMPLATE:
             raise TemplateError("source files live outside the template")
         if base is FileBase.FUNCTION and not is_safe_relative(path):
@@ -83,16 +92,18 @@ class TemplateWriter:
             if existing["path"] == path and existing["base"] == base.value:
                 return str(existing["id"])
         file_id = f"src{len(self._files)}"
-        self._files.append(
-            {
-                "id": file_id,
-                "role": FileRole.SOURCE.value,
-                "base": base.value,
-                "path": path,
-                "size": size,
-                "sha256": sha256,
-            }
-        )
+        entry: dict[str, Any] = {
+            "id": file_id,
+            "role": FileRole.SOURCE.value,
+            "base": base.value,
+            "path": path,
+            "size": size,
+            "sha256": sha256,
+        }
+        if self.record_mtimes:
+            entry["mtime_ns"] = Path(local).stat().st_mtime_ns
+        self._files.append(entry)
+        self._local[file_id] = Path(local)
         return file_id
 
     def add_source_tensor(
@@ -124,7 +135,8 @@ class TemplateWriter:
         if padding:
             self._write_packed(b"\x00" * padding)
         self._write_packed(data)
-        self._add_entry(name, PACKED_ID, offset, nbytes, dtype, shape, sha256_bytes(data), mutated)
+        self._add_entry(name, PACKED_ID, offset, nbytes, dtype, shape, sha256_bytes(data), mutated,
+                        checksum.tensor_xxh3(memoryview(data).cast("B")))
 
     def mark_mutated(self, name: str) -> None:
         for entry in self._tensors:
@@ -135,17 +147,19 @@ class TemplateWriter:
         """Write the manifest and move the folder into place. `body` holds function,
         loads, skipped_loads and trace."""
         self._packed_handle.close()
-        files = [
-            {
-                "id": PACKED_ID,
-                "role": FileRole.PACKED.value,
-                "base": FileBase.TEMPLATE.value,
-                "path": PACKED_NAME,
-                "size": self._packed_size,
-                "sha256": self._packed_digest.hexdigest(),
-            },
-            *self._files,
-        ]
+        packed: dict[str, Any] = {
+            "id": PACKED_ID,
+            "role": FileRole.PACKED.value,
+            "base": FileBase.TEMPLATE.value,
+            "path": PACKED_NAME,
+            "size": self._packed_size,
+            "sha256": self._packed_digest.hexdigest(),
+        }
+        if self.record_mtimes:
+            packed["mtime_ns"] = (self._partial / PACKED_NAME).stat().st_mtime_ns
+        self._local[PACKED_ID] = self._partial / PACKED_NAME
+        files = [packed, *self._files]
+        self._fast_checksums(files)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -165,13 +179,36 @@ class TemplateWriter:
         self._packed_handle.close()
         shutil.rmtree(self._partial, ignore_errors=True)
 
+    def _fast_checksums(self, files: list[dict[str, Any]]) -> None:
+        """Each source tensor's xxh3 and every file's rest_xxh3, read from the files."""
+        for entry in files:
+            tensors = [t for t in self._tensors if t["file"] == entry["id"]]
+            path = self._local[entry["id"]]
+            with open(path, "rb") as handle:
+                view: Any = (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                             if entry["size"] else b"")
+                try:
+                    data = memoryview(view)
+                    for t in tensors:
+                        if t["xxh3"] is None:
+                            t["xxh3"] = checksum.tensor_xxh3(
+                                data[t["offset"] : t["offset"] + t["nbytes"]])
+                    ranges = checksum.rest_ranges(
+                        entry["size"], [(t["offset"], t["offset"] + t["nbytes"]) for t in tensors])
+                    entry["rest_xxh3"] = checksum.rest_xxh3_of(data, ranges)
+                    data.release()
+                finally:
+                    if isinstance(view, mmap.mmap):
+                        view.close()
+
     def _write_packed(self, data: bytes | memoryview) -> None:
         self._packed_handle.write(data)
         self._packed_digest.update(data)
         self._packed_size += len(memoryview(data).cast("B"))
 
     def _add_entry(self, name: str, file_id: str, offset: int, nbytes: int, dtype: str,
-                   shape: tuple[int, ...], sha256: str, mutated: bool) -> None:
+                   shape: tuple[int, ...], sha256: str, mutated: bool,
+                   xxh3: str | None = None) -> None:
         if name in self._names:
             raise TemplateError(f"tensor {name!r} added twice")
         self._names.add(name)
@@ -184,6 +221,7 @@ class TemplateWriter:
                 "dtype": dtype,
                 "shape": list(shape),
                 "sha256": sha256,
+                "xxh3": xxh3,  # source tensors: filled from the file in finish()
                 "mutated": mutated,
             }
         )

@@ -408,6 +408,7 @@ async def main():
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/hold", hold)
     app.router.add_get("/slow", slow)
+    app.router.add_post("/v1/chat/completions", slow)  # an OpenAI client waiting
     app.router.add_get("/linger", linger)
     app.router.add_get("/sse", sse)
     app.router.add_get("/trickle", trickle)

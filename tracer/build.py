@@ -56,7 +56,7 @@ def file_ref(path: Path, function_dir: Path) -> tuple[str, FileBase]:
 def write_template(recorder: Recorder, out_dir: Path, function_dir: Path,
                    fingerprint: dict[str, Any], other: Checksums | None,
                    first_use: list[str], trace: dict[str, Any]) -> Path:
-    writer = TemplateWriter(out_dir, created_by="fwatchdog.tracer")
+    writer = TemplateWriter(out_dir, created_by="fwatchdog.tracer", record_mtimes=True)
     hashes: dict[Path, str] = {}
     loads: list[dict[str, Any]] = []
     # Two loads reading the same bytes of one file share one index entry: ranges in a
@@ -75,7 +75,7 @@ def write_template(recorder: Recorder, out_dir: Path, function_dir: Path,
                     hashes[path] = sha256_file(path)
                 relative, base = file_ref(path, function_dir)
                 file_ids[path] = writer.add_source_file(relative, base, path.stat().st_size,
-                                                        hashes[path])
+                                                        hashes[path], local=path)
             final_devices = set()
             alias: dict[str, str] = {}
             for t in load.tensors:

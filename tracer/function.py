@@ -32,7 +32,6 @@ SAMPLES_DIR = "samples"
 HANDLER_PACKAGE = "function"
 
 _CHAT = {
-    "model": "default",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 8,
     "temperature": 0,
@@ -93,6 +92,11 @@ def parse_sample(name: str, raw: dict[str, Any]) -> Sample:
     return Sample(name=name, method=str(raw.get("method", "POST")).upper(),
                   path=str(raw.get("path", "/")), headers=dict(raw.get("headers", {})),
                   body=data, query=dict(raw.get("query", {})))
+
+
+def uses_default_samples(function_dir: Path, explicit: list[Path] | None = None) -> bool:
+    """True when the function gave no samples (no --sample, no samples/*.json)."""
+    return not explicit and not any((function_dir / SAMPLES_DIR).glob("*.json"))
 
 
 def load_samples(function_dir: Path, explicit: list[Path] | None = None) -> list[Sample]:

@@ -8,6 +8,13 @@
 tensor (JSON). `trace` runs the start-up and the samples and writes a template to
 DIR, and `DIR/trace-run.json` with what only this process knows (its new modules).
 
+A sample that raises: when it is one of the default samples (the function has no
+samples folder and none was given), the remaining samples are skipped, a
+`trace_sample_failed` warning is logged, and the template is written from the
+start-up alone (the failure is recorded in `trace.sample_failure`). A sample the
+user gave that fails ends this process with exit status SAMPLE_FAILED and the
+sample's error as the last line on stderr.
+
 Invariants:
 - Torch, transformers and safetensors are imported before the loaders are
   intercepted, so their own internal bindings stay the originals.
@@ -29,6 +36,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 RUN_INFO = "trace-run.json"
+SAMPLE_FAILED = 3  # exit status: a sample the user gave failed
+SAMPLE_FAILED_PREFIX = "fwatchdog-tracer: sample failed: "
 
 
 def _import_loaders() -> None:
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     samples = function.load_samples(function_dir, samples_given)
+    defaults = function.uses_default_samples(function_dir, samples_given)
     watched = {}
     for load in recorder.loads:
         for t in load.tensors:
@@ -78,11 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     watch = observe.OpWatch(watched)
     started = time.perf_counter()
     sample_results = []
+    failure: dict[str, Any] | None = None
     with _maybe_profile() as profile, watch:
         for sample in samples:
-            sample_results.append({"name": sample.name,
-                                   "output_bytes": function.invoke(handler, sample)})
+            try:
+                output = function.invoke(handler, sample)
+            except Exception as exc:  # noqa: BLE001 - the user's handler: report it
+                failure = {"sample": sample.name, "default": defaults,
+                           "error": f"{type(exc).__name__}: {exc}"}
+                break
+            sample_results.append({"name": sample.name, "output_bytes": output})
     samples_s = time.perf_counter() - started
+    if failure is not None and not defaults:
+        logging.getLogger("fwatchdog.tracer").exception("trace_sample_failed sample=%s",
+                                                        failure["sample"])
+        sys.stderr.write(f"{SAMPLE_FAILED_PREFIX}{failure['sample']}: {failure['error']}\n")
+        return SAMPLE_FAILED
+    if failure is not None:
+        logging.getLogger("fwatchdog.tracer").warning(
+            "trace_sample_failed sample=%s default=true error=%r: writing the template from"
+            " the start-up alone", failure["sample"], failure["error"])
+        samples = []  # no warm-up plan from a request the handler does not take
     max_context = None
     for load in recorder.loads:
         if load.model is not None:
@@ -92,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                           "compare": "sha256 of each traced tensor when its loader returned"},
         "timings": {"startup_s": round(startup_s, 3), "samples_s": round(samples_s, 3)},
         "samples": sample_results,
+        "sample_failure": failure,
         "ops": watch.op_list(),
         "kernels": observe.kernel_names(profile) if profile is not None else [],
         "peak_memory": observe.peak_memory(),

@@ -25,6 +25,7 @@ instead. Code reads :attr:`Config.read_limit` and
 from __future__ import annotations
 
 import enum
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,20 @@ class Mode(enum.Enum):
     SERIALIZING = "serializing"
     HTTP = "http"
     STATIC = "static"
+    LLM = "llm"
+
+
+class Warmup(enum.Enum):
+    """What a mode=llm handler runs before it reports ready."""
+
+    AUTO = "auto"  # full on a GPU (kernels load lazily per shape), samples on CPU
+    FULL = "full"  # the traced samples, then each prompt-length bucket and sampling
+    SAMPLES = "samples"  # the traced samples once
+    OFF = "off"
+
+
+DEFAULT_FUNCTION_DIR = "/home/app/function"
+DEFAULT_TEMPLATE_DIR = "/home/app/.fwatchdog/template"
 
 
 class ConfigError(Exception):
@@ -84,8 +99,19 @@ class Config:
     ready_path: str
     tmpdir: str
     knative: bool  # K_SERVICE is set: queue-proxy drains before SIGTERM
-    # Deadline for the mode's start (http: the upstream accepting connections).
+    # Deadline for the mode's start (http: the upstream accepting connections;
+    # llm: how long a request waits for a warm handler).
     start_timeout: float = DEFAULT_START_TIMEOUT
+    # mode=llm (see fwatchdog.llm)
+    function_dir: str = DEFAULT_FUNCTION_DIR
+    template_dir: str = DEFAULT_TEMPLATE_DIR
+    llm_handlers: int = 1  # handlers serving at once
+    llm_spares: int = 1  # warm handlers kept ahead of need
+    llm_max_requests: int = 0  # per handler before it is recycled; 0: never
+    llm_max_requests_jitter: int = 0  # up to this many more, random per handler
+    llm_gpu_idle_timeout: float = 0.0  # release the GPU after this long idle; 0: never
+    llm_warmup: Warmup = Warmup.AUTO
+    llm_device: str = "auto"  # the holder's device: auto, cpu, cuda, cuda:N
 
     @property
     def read_limit(self) -> float | None:
@@ -102,6 +128,7 @@ class Config:
         return self.tmpdir.rstrip("/") + "/.lock" if self.tmpdir != "/" else "/.lock"
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 # Go's strconv.ParseBool spellings (any case), plus yes/no and on/off.
 _TRUE = frozenset({"true", "t", "1", "yes", "on"})
@@ -193,7 +220,7 @@ def from_env(env: Mapping[str, str]) -> Config:
             fprocess = tuple(shlex.split(got[1]))
         except ValueError as exc:
             r.problems.append(f"{got[0]}={got[1]!r}: cannot split into a command: {exc}")
-    elif mode is not Mode.STATIC:
+    elif mode not in (Mode.STATIC, Mode.LLM):
         r.problems.append(f"fprocess: required in mode={mode.value} (the function's command)")
 
     upstream_url: str | None = None
@@ -239,6 +266,24 @@ def from_env(env: Mapping[str, str]) -> Config:
         start_timeout = DEFAULT_START_TIMEOUT
     healthcheck_interval = r.duration("healthcheck_interval", write_timeout)
 
+    warmup_text = r.string("llm_warmup", default=Warmup.AUTO.value)
+    try:
+        warmup = Warmup(warmup_text)
+    except ValueError:
+        r.problems.append(f"llm_warmup={warmup_text!r}: expected one of "
+                          + ", ".join(w.value for w in Warmup))
+        warmup = Warmup.AUTO
+    device = r.string("llm_device", default="auto")
+    if not _DEVICE.fullmatch(device):
+        r.problems.append(f"llm_device={device!r}: expected auto, cpu, cuda or cuda:N")
+        device = "auto"
+    function_dir = r.string("function_dir", default=DEFAULT_FUNCTION_DIR)
+    template_dir = r.string("template_dir", default=DEFAULT_TEMPLATE_DIR)
+    if mode is Mode.LLM:
+        for name, value in (("function_dir", function_dir), ("template_dir", template_dir)):
+            if not value.startswith("/"):
+                r.problems.append(f"{name}={value!r}: must be an absolute path")
+
     if r.boolean("jwt_auth"):
         r.problems.append("jwt_auth=true: OpenFaaS Enterprise authentication is not supported")
 
@@ -265,6 +310,15 @@ def from_env(env: Mapping[str, str]) -> Config:
         ready_path=r.string("ready_path", default=""),
         tmpdir=r.string("TMPDIR", default="/tmp"),
         knative=bool(env.get("K_SERVICE")),
+        function_dir=function_dir,
+        template_dir=template_dir,
+        llm_handlers=r.integer("llm_handlers", 1, minimum=1, maximum=64),
+        llm_spares=r.integer("llm_spares", 1, minimum=0, maximum=64),
+        llm_max_requests=r.integer("llm_max_requests", 0),
+        llm_max_requests_jitter=r.integer("llm_max_requests_jitter", 0),
+        llm_gpu_idle_timeout=r.duration("llm_gpu_idle_timeout", 0.0),
+        llm_warmup=warmup,
+        llm_device=device,
     )
     if config.ready_path and not config.ready_path.startswith("/"):
         r.problems.append(f"ready_path={config.ready_path!r}: must start with /")

@@ -59,6 +59,7 @@ from fwatchdog import accesslog, reaper
 from fwatchdog.accounting import Accounting
 from fwatchdog.config import Config
 from fwatchdog.durations import format_duration
+from fwatchdog.errors import reason
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
 from fwatchdog.logs import kv
 from fwatchdog.metrics import HttpMetrics, metrics_app
@@ -83,9 +84,14 @@ MAX_HEADERS = 128
 LINGERING_TIME = 1.0
 # How long a dead function waits for a SIGTERM that may be on its way to us too.
 SIGNAL_RACE = 0.5
+# While the mode starts (a model loading), a line this often says it still does.
+START_PROGRESS_EVERY = 5.0
 
 
 def _plain(status: int, text: str | None = None) -> web.Response:
+    """A response written by the watchdog; an error always carries a text/plain reason."""
+    if text is None and status >= 400:
+        text = reason(status)
     return web.Response(status=status, text=text)
 
 
@@ -110,7 +116,7 @@ class Watchdog:
         self.metrics = HttpMetrics(self.registry)
         self.signals = SignalRecorder(on_quit=self._dump_stacks)
         self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr,
-                               forced=self.signals.forced)
+                               forced=self.signals.forced, registry=self.registry)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
         self._stderr = stderr
         self.accounting = Accounting(
@@ -156,7 +162,8 @@ class Watchdog:
         if self.accounting.limit_reached():
             return _plain(429)
         if not await self.mode.ready(request):
-            return _plain(503)
+            reason = self.mode.unready_reason()
+            return _plain(503, f"{reason}\n" if reason else None)
         if self.config.ready_path:
             probe = request.clone(method="GET", rel_url=self.config.ready_path)
             try:
@@ -174,7 +181,9 @@ class Watchdog:
             resp = await self._answer(request)
             if not resp.prepared:
                 # Written here, not after return, so the duration and the byte
-                # count include sending the body.
+                # count include sending the body. aiohttp prepares the returned
+                # response once more: a response class whose prepare is not a
+                # no-op by then must guard itself (static mode's file response).
                 await resp.prepare(request)
                 await resp.write_eof()
         except ConnectionError:
@@ -297,9 +306,9 @@ class Watchdog:
             # and dropped for this long before closing; aiohttp's 10 s lets one
             # slow client hold a connection long after its answer.
             lingering_time=LINGERING_TIME,
-            # A proxying mode (http): a client that goes away cancels its handler,
-            # and with it the upstream call, as of-watchdog's request context
-            # does. The forking modes keep aiohttp's default: their
+            # A proxying mode (http, llm): a client that goes away cancels its
+            # handler, and with it the upstream call, as of-watchdog's request
+            # context does. The forking modes keep aiohttp's default: their
             # DisconnectWatch kills the child and the request is still recorded.
             handler_cancellation=self.mode.cancel_on_disconnect,
         )
@@ -338,11 +347,13 @@ class Watchdog:
         # The mode enforces start_timeout with its own message; this is a backstop.
         backstop = asyncio.ensure_future(asyncio.sleep(self.config.start_timeout + 5.0))
         stop_wait = asyncio.ensure_future(self.signals.event.wait())
+        progress = asyncio.ensure_future(self._starting_progress())
         try:
             await asyncio.wait({start, backstop, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             backstop.cancel()
             stop_wait.cancel()
+            progress.cancel()
         if not start.done():
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -363,6 +374,16 @@ class Watchdog:
             await self._stop_everything()
             return 1
         return None
+
+    async def _starting_progress(self) -> None:
+        """One ``still_starting`` line every few seconds until cancelled: a start that
+        loads a model takes a while, and a silent terminal looks like a hang."""
+        began = self.clock()
+        limit = format_duration(self.config.start_timeout)
+        while True:
+            await asyncio.sleep(START_PROGRESS_EVERY)
+            self.log.info(kv("still_starting", mode=self.config.mode.value,
+                             seconds=f"{self.clock() - began:.0f}", start_timeout=limit))
 
     def _dump_stacks(self) -> None:
         """SIGQUIT: every thread's stack to stderr (what a Go program prints)."""

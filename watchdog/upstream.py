@@ -519,6 +519,15 @@ class Pool:
         while self._idle and conn.last_used - self._idle[0].last_used >= self.idle_timeout:
             self._idle.popleft().close()
 
+    async def prime(self) -> None:
+        """Make sure one live connection waits in the pool; ConnectFailed when none can be
+        made. mode=llm calls this before relaying, so a handler that died a moment ago
+        costs a retry on another handler instead of a failed request."""
+        conn = self._acquire_idle()
+        if conn is None:
+            conn = await self._connect()
+        self._release(conn)
+
     def close(self) -> None:
         self._closed = True
         while self._idle:

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Entry point of the python3-llm handler process (fwatchdog's ``fprocess``).
 
-fwatchdog runs ``python index.py`` once, in ``mode=http``, and proxies requests to
-``http://127.0.0.1:5000`` (``http_port``). Importing ``function.handler`` runs the
-function's start-up (normally: load the model), then the server answers.
+In ``mode=http`` fwatchdog runs ``python index.py`` once and proxies requests to
+``http://127.0.0.1:5000`` (``http_port``); the server is fwatchdog's own
+``fwatchdog.llm.handler_server``, the one ``mode=llm``'s handler processes run.
+Importing ``function.handler`` runs the function's start-up (normally: load the
+model), then the server answers.
 
 Invariants: nothing is downloaded at run time (``HF_HUB_OFFLINE=1`` unless the
 function's environment says otherwise); logs are one event per line on stderr,
@@ -15,7 +17,7 @@ import os
 import sys
 import time
 
-import handler_server
+from fwatchdog.llm import handler_server
 
 
 def main() -> int:

@@ -13,8 +13,12 @@ Cache location, first match wins:
 ``~/.cache/fwatchdog/models/smollm2-135m-instruct``.
 
 Invariants:
-- The final folder exists only when complete: conversion writes into a temporary
-  folder beside it and renames it into place (rename is atomic on one filesystem).
+- The final path only ever shows a complete folder: conversion writes into a new
+  folder beside it (``.smollm2-135m-instruct.<random>``), and the final path is a
+  symlink switched to it with one ``rename`` (atomic on one filesystem). A folder it
+  replaces is removed only after the switch; a reader that resolved the old one
+  keeps working until then. (A real folder left by an older version is moved aside
+  first: the one moment the path is missing, once, on upgrade.)
 - Two processes converting at once do the work once: an exclusive ``flock`` on a
   lock file beside the folder serialises them, and the loser finds the folder done.
 - Nothing is downloaded: the GGUF comes from the installed package and
@@ -109,20 +113,34 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def convert_gguf(source: Path, target: Path) -> None:
-    """Dequantise ``source`` (a GGUF file) into a bf16 Hugging Face folder ``target``."""
+    """Dequantise ``source`` (a GGUF file) into a bf16 Hugging Face folder ``target``.
+
+    Each step is logged as it begins (``model_convert_step``), so the half minute
+    or more this takes on a CPU is visible on the terminal; transformers adds its
+    own progress bar while it dequantises.
+    """
+    started = time.monotonic()
+
+    def step(name: str) -> None:
+        LOG.info("model_convert_step step=%s elapsed=%.1f", name, time.monotonic() - started)
+
     os.environ["HF_HUB_OFFLINE"] = "1"
+    step("import_torch_transformers")
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    step("read_tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # bf16 halves the folder and loses nothing that matters: the weights were 4-bit
     # (with fp16 scales) before dequantisation.
+    step("dequantise_weights")
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.bfloat16
     )
     # save_model (not save_file) because embeddings and lm_head are tied: it writes
     # the shared tensor once, as from_pretrained expects.
+    step("write_safetensors")
     save_model(model, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     # Without this the folder would claim to be GGUF-quantised and fail to load.
@@ -142,6 +160,26 @@ def _make_world_readable(folder: Path) -> None:
         entry.chmod(0o644)
 
 
+def _switch(target: Path, new: Path) -> None:
+    """Point the symlink ``target`` at ``new`` atomically, then remove what it replaced
+    (an incomplete or outdated folder: no or an old marker)."""
+    old: Path | None = None
+    if target.is_symlink():
+        old = target.parent / os.readlink(target)
+    elif target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(target, old)
+    link = target.parent / f".{target.name}.link-{os.getpid()}-{time.monotonic_ns()}"
+    os.symlink(new.name, link)  # relative: the cache folder may be moved or mounted
+    try:
+        os.replace(link, target)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+    if old is not None and old.resolve() != new.resolve():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def ensure_default_model(env: Mapping[str, str]) -> Path:
     """Return the converted default model folder, converting it first if needed."""
     target = default_model_dir(env)
@@ -154,7 +192,12 @@ def ensure_default_model(env: Mapping[str, str]) -> Path:
         if is_complete(target):
             return target
         started = time.monotonic()
-        LOG.info("model_convert_started source=%s target=%s", source, target)
+        LOG.info(
+            "model_convert_started source=%s target=%s expect=%s",
+            source,
+            target,
+            "'once per cache; 30-60 s on a small CPU'",
+        )
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             convert_gguf(source, work)
@@ -165,10 +208,7 @@ def ensure_default_model(env: Mapping[str, str]) -> Path:
             }
             (work / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
             _make_world_readable(work)
-            if target.exists():
-                # An incomplete or outdated folder (no or old marker): replace it.
-                shutil.rmtree(target)
-            os.rename(work, target)
+            _switch(target, work)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

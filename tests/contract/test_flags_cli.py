@@ -1,4 +1,4 @@
-"""Command-line flags and configuration errors (CONTRACT.md, Environment)."""
+"""Command-line flags and configuration errors (docs/contract.md, Configuration)."""
 
 from __future__ import annotations
 

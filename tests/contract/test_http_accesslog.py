@@ -1,4 +1,4 @@
-"""The access log line (CONTRACT.md, Endpoints): format, call id, kube-probe."""
+"""The access log line (docs/contract.md, endpoints): format, call id, kube-probe."""
 
 from __future__ import annotations
 

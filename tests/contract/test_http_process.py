@@ -19,6 +19,15 @@ def test_lock_file_appears_only_after_the_upstream_listens(watchdog_factory, ups
     assert wd.lock_path.exists() and wd.lock_path.read_bytes() == b""
 
 
+def test_a_slow_start_says_it_is_still_starting(watchdog_factory, upstream):
+    wd = watchdog_factory(upstream.env(UPSTREAM_WAIT_BEFORE_LISTEN="listen-now"))
+    # Every few seconds while the function loads, so a terminal never looks hung.
+    wd.wait_output("event=still_starting mode=http seconds=5 start_timeout=5m0s", timeout=20)
+    assert "event=serving" not in wd.text()
+    upstream.signal("listen-now")
+    wd.wait_ready()
+
+
 def test_requests_before_start_wait_for_the_function(watchdog_factory, upstream):
     wd = watchdog_factory(upstream.env(UPSTREAM_WAIT_BEFORE_LISTEN="listen-now"))
     wait_until(lambda: http_status(wd.url + "/_/health") == 503, what="listener up")

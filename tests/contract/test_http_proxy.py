@@ -1,4 +1,4 @@
-"""mode=http: what crosses the proxy, both ways (CONTRACT.md, Modes: http).
+"""mode=http: what crosses the proxy, both ways (docs/contract.md, Modes: http).
 
 Each test starts the real fwatchdog, which starts the test function of
 ``conftest.UPSTREAM_SCRIPT`` as its ``fprocess``.
@@ -101,9 +101,13 @@ def test_connection_error_is_500_and_streams_get_502(watchdog_factory, upstream)
     reply = fetch(wd.url + "/echo")
     assert reply.status == 500 and reply.header(INTERNAL) == "of-watchdog"
     assert reply.header("X-Duration-Seconds") is not None
+    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert reply.body == b"The function failed before it answered\n"
     # A streamed request failing before headers: 502, not of-watchdog's empty 200.
     reply = fetch(wd.url + "/sse", headers={"Accept": "text/event-stream"})
     assert reply.status == 502 and reply.header(INTERNAL) == "of-watchdog"
+    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert reply.body == b"The function failed before its answer was complete\n"
     assert http_status(wd.url + "/_/health") == 200  # the process itself is alive
 
 
@@ -114,6 +118,28 @@ def test_exec_timeout_is_504(watchdog_factory, upstream):
     reply = fetch(wd.url + "/slow?s=10")
     assert reply.status == 504 and reply.header(INTERNAL) == "of-watchdog"
     assert time.monotonic() - started < 5
+    # A reason a client can show, not of-watchdog's empty body.
+    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert reply.body == (b"The function did not answer within 500ms "
+                          b"(exec_timeout, or the request's shorter X-Timeout)\n")
+
+
+def test_the_openai_client_gets_the_reason_of_a_504(watchdog_factory, upstream):
+    import openai
+
+    wd = watchdog_factory(upstream.env(exec_timeout="500ms"))
+    wd.wait_ready()
+    client = openai.OpenAI(base_url=wd.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    error = caught.value
+    assert error.status_code == 504
+    # The client's message shows only a JSON body's error.message; a text body
+    # is what it keeps as the error's body (empty in of-watchdog).
+    assert str(error) == "Error code: 504"
+    assert error.body == ("The function did not answer within 500ms "
+                          "(exec_timeout, or the request's shorter X-Timeout)")
+    assert error.response.headers["Content-Type"] == "text/plain; charset=utf-8"
 
 
 def test_x_timeout_may_only_shorten_exec_timeout(watchdog_factory, upstream):

@@ -72,6 +72,8 @@ def test_stream_exec_timeout_before_headers_is_504(watchdog_factory, upstream):
     wd.wait_ready()
     reply = fetch(wd.url + "/slow?s=10", headers={"Accept": "text/event-stream"})
     assert reply.status == 504 and reply.header(INTERNAL) == "of-watchdog"
+    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert reply.body.startswith(b"The function did not answer within 300ms")
 
 
 def test_upstream_closing_mid_response(watchdog_factory, upstream):

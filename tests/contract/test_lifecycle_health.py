@@ -1,4 +1,4 @@
-"""/_/health, /_/ready, max_inflight and the listening port (CONTRACT.md, Endpoints)."""
+"""/_/health, /_/ready, max_inflight and the listening port (docs/contract.md, endpoints)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def test_health_requires_the_lock_file(watchdog_factory, upstream):
     wd.lock_path.unlink()
     assert http_status(wd.url + "/_/health") == 503
     assert http_status(wd.url + "/_/ready") == 503
+    # Every error the watchdog writes itself says why, in text/plain.
+    reply = fetch(wd.url + "/_/ready")
+    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert reply.body == b"The function is not ready\n"
 
 
 def test_suppress_lock_writes_none_and_health_does_not_need_it(watchdog_factory, upstream):

@@ -1,4 +1,4 @@
-"""As PID 1 the watchdog reaps orphans, and only orphans (DESIGN.md section 4).
+"""As PID 1 the watchdog reaps orphans, and only orphans (docs/contract.md, Shutdown).
 
 Runs fwatchdog as PID 1 of a new PID namespace (``unshare``, needs root); the
 test function double-forks a grandchild that is reparented to the watchdog.

@@ -1,4 +1,4 @@
-"""SIGTERM drain order (CONTRACT.md, Shutdown) and the function's exit around it."""
+"""SIGTERM drain order (docs/contract.md, Shutdown) and the function's exit around it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics on metrics_port (CONTRACT.md, Endpoints): of-watchdog's names and labels."""
+"""Metrics on metrics_port (docs/contract.md, endpoints): of-watchdog's names and labels."""
 
 from __future__ import annotations
 

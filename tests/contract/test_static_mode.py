@@ -76,3 +76,28 @@ def test_missing_static_path_is_a_clear_start_error(watchdog_factory, tmp_path: 
     assert wd.proc.returncode == 1
     assert "static_path=" in wd.text() and "nowhere" in wd.text()
     assert not wd.lock_path.exists()
+
+
+def test_files_on_one_keep_alive_connection(watchdog_factory, site: Path) -> None:
+    """Browsers reuse connections: every file, HEAD and 404 on one connection, no traceback."""
+    import http.client
+
+    wd = start(watchdog_factory, site)
+    conn = http.client.HTTPConnection("127.0.0.1", wd.port, timeout=10)
+    try:
+        answers = []
+        for method, target in [("GET", "/"), ("GET", "/docs/guide.txt"), ("HEAD", "/logo.svg"),
+                               ("GET", "/nope"), ("GET", "/docs/guide.txt")]:
+            conn.request(method, target)
+            resp = conn.getresponse()
+            answers.append((resp.status, resp.read(), resp.getheader("Connection")))
+        assert answers == [(200, b"<p>home</p>", None), (200, b"read me", None),
+                           (200, b"", None), (404, b"404 page not found\n", None),
+                           (200, b"read me", None)]
+    finally:
+        conn.close()
+    # The access line is written after the response, so a traceback would be in by then.
+    wait_until(lambda: wd.text().count("ContentLength:") >= 5, timeout=10,
+               what="five access log lines")
+    assert "Traceback" not in wd.text()
+    assert "Error handling request" not in wd.text()

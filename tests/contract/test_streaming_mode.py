@@ -1,6 +1,6 @@
 """mode=streaming through the real fwatchdog: one child per request, stdout streamed.
 
-Each test is one row of CONTRACT.md (or one of our fixes) seen from outside:
+Each test is one row of docs/contract.md (or one of our fixes) seen from outside:
 a real HTTP client, a real watchdog, real child processes.
 """
 

@@ -63,7 +63,7 @@ def http_status(url: str, timeout: float = 5.0) -> int | None:
 
 # ------------------------------------------------------------------ faas-cli, reproduced
 
-# CONTRACT.md "faas-cli templates": the parts of faas-cli 0.18 that touch files.
+# docs/contract.md "faas-cli templates": the parts of faas-cli 0.18 that touch files.
 FUNCTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

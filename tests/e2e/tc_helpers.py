@@ -3,6 +3,7 @@
 Run as a script, it is one handler start-up in a fresh process:
 
     python tc_helpers.py start FUNCTION_DIR OUT_DIR [--template DIR] [--attach INFO.json]
+        [--attach-fd N ...]
 
 It imports the function's handler (ordinarily, or inside `restore`), then writes
 OUT_DIR/result.json (timings, restore counters, greedy tokens) and OUT_DIR/logits.pt
@@ -56,16 +57,22 @@ def make_tiny_llama(function_dir: Path, seed: int = 0, handler: str = TINY_HANDL
 
 
 def run_start(function_dir: Path, out_dir: Path, template: Path | None = None,
-              attach: Path | None = None, timeout: float = 240) -> dict[str, Any]:
-    """One start-up in a fresh process; returns its result.json."""
+              attach: Path | None = None, timeout: float = 240,
+              fds: list[int] | tuple[int, ...] = (),
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One start-up in a fresh process; returns its result.json. `fds` (a holder's
+    memfd) are inherited by the child under the same numbers."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(HERE), "start", str(function_dir), str(out_dir)]
     if template is not None:
         command += ["--template", str(template)]
     if attach is not None:
         command += ["--attach", str(attach)]
+    for fd in fds:
+        command += ["--attach-fd", str(fd)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                            check=False, pass_fds=tuple(fds),
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     if result.returncode != 0:
         raise AssertionError(f"start failed ({result.returncode}):\n{result.stderr[-4000:]}")
     data: dict[str, Any] = json.loads((out_dir / "result.json").read_text())
@@ -73,10 +80,12 @@ def run_start(function_dir: Path, out_dir: Path, template: Path | None = None,
     return data
 
 
-def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300) -> str:
+def trace(function_dir: Path, out: Path, *extra: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "fwatchdog.tracer", str(function_dir), "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=timeout, check=False)
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise AssertionError(f"tracer failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout
@@ -106,6 +115,7 @@ def _start(argv: list[str]) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--template", type=Path)
     parser.add_argument("--attach", type=Path)
+    parser.add_argument("--attach-fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +139,7 @@ def _start(argv: list[str]) -> int:
             from fwatchdog.template_cache.holder import HandleInfo, attach
 
             info = HandleInfo.from_json(args.attach.read_text())
-            source = attach(info)
+            source = attach(info, args.attach_fd)
         with restore(template, function_dir, source=source) as stats:
             handler = import_handler(function_dir)
     ready = time.perf_counter()

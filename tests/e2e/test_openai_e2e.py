@@ -20,6 +20,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "smollm2-135m-instruct"  # the folder's name: what /v1/models lists
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_lists_the_served_model(client: openai.OpenAI) -> None:
 
 def test_greedy_chat_knows_the_capital_of_france(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="smollm2-135m-instruct", messages=FRANCE, temperature=0, max_tokens=40
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=40
     )
     choice = reply.choices[0]
     assert "Paris" in choice.message.content
@@ -107,7 +108,7 @@ def test_greedy_chat_knows_the_capital_of_france(client: openai.OpenAI) -> None:
 
 def test_streamed_chat_arrives_in_chunks_with_usage_last(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="smollm2-135m-instruct",
+        model=MODEL,
         messages=FRANCE,
         temperature=0,
         max_tokens=40,
@@ -127,10 +128,10 @@ def test_streamed_chat_arrives_in_chunks_with_usage_last(client: openai.OpenAI) 
 
 def test_stream_equals_the_non_streamed_answer(client: openai.OpenAI) -> None:
     whole = client.completions.create(
-        model="m", prompt="The capital of France is", max_tokens=6, temperature=0
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0
     )
     pieces = client.completions.create(
-        model="m", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text
     assert whole.choices[0].finish_reason == "length"
@@ -140,7 +141,7 @@ def test_stream_equals_the_non_streamed_answer(client: openai.OpenAI) -> None:
 
 def test_stop_sequence_ends_the_answer_without_the_stop_text(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="m",
+        model=MODEL,
         messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
         temperature=0,
         max_tokens=60,
@@ -154,7 +155,7 @@ def test_stop_sequence_ends_the_answer_without_the_stop_text(client: openai.Open
 def test_a_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
     def sample() -> str:
         reply = client.completions.create(
-            model="m", prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7
+            model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7
         )
         return reply.choices[0].text
 
@@ -228,8 +229,13 @@ def test_prompts_beyond_the_context_are_rejected_before_generation(llm_function:
 
 def test_the_openai_client_sees_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="m", messages=FRANCE, max_tokens=-1)
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=-1)
     assert caught.value.param == "max_tokens"
+    # A name this function does not serve is not answered by SmolLM2 anyway.
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=FRANCE, max_tokens=4)
+    assert missing.value.code == "model_not_found"
+    assert "Error code: 404 - The model 'gpt-4o' does not exist." in str(missing.value)
 
 
 def test_unknown_paths_and_wrong_methods(llm_function: Any) -> None:

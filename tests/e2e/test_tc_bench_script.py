@@ -22,7 +22,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "attach in a fresh process" in done.stdout
     result = json.loads(out.read_text())
-    assert result["holder_kind"] == "shm"
+    assert result["holder_kind"] == "memfd"
+    assert {r["verify"] for r in result["hold_rates"]} == {"none", "full"}
     for key in ("ordinary", "template_holder", "template_files"):
         assert result[key]["ready_s_median"] > 0
     for run in result["template_holder"]["runs"] + result["template_files"]["runs"]:

@@ -93,10 +93,13 @@ def test_the_function_runs_as_the_non_root_app_user(template_stages: dict) -> No
     assert "-r requirements.txt" in user_installs[0][1]
 
 
-def test_fwatchdog_runs_index_py_in_http_mode(template_stages: dict) -> None:
+def test_fwatchdog_serves_the_template_in_llm_mode(template_stages: dict) -> None:
     envs = DockerfileParser(str(TEMPLATE / "Dockerfile")).envs
+    assert envs["mode"] == "llm"
+    assert envs["template_dir"] == "/home/app/.fwatchdog/template"
+    assert envs["function_dir"] == "/home/app/function"
+    # mode=http stays one variable away.
     assert envs["fprocess"] == "python index.py"
-    assert envs["mode"] == "http"
     assert envs["upstream_url"] == "http://127.0.0.1:5000"
     # index.py listens where upstream_url points.
     assert envs["upstream_url"].endswith(":" + envs["http_port"])
@@ -147,7 +150,7 @@ def test_every_copy_source_is_in_the_shrinkwrapped_context(default_function_cont
         for source in copy_sources(ins):
             assert (default_function_context / source).exists(), f"{ins['value']!r}"
             checked += 1
-    assert checked >= 6
+    assert checked >= 5
 
 
 def test_the_base_image_installs_fwatchdog_with_the_llm_extra() -> None:

@@ -1,6 +1,6 @@
 """What faas-cli does with the python3-llm template, reproduced as file operations.
 
-CONTRACT.md "faas-cli templates": ``template pull`` copies ``<repo>/template/<lang>/``;
+docs/contract.md "faas-cli templates": ``template pull`` copies ``<repo>/template/<lang>/``;
 ``new`` checks the name, copies the handler folder and writes ``stack.yaml``;
 ``build --shrinkwrap`` overlays the handler folder on a copy of the template. The
 repository keeps one source (``templates/``) and a relative ``template`` symlink.
@@ -114,7 +114,7 @@ def test_shrinkwrap_overlays_the_users_handler_on_the_template(faas_cli) -> None
     assert (context / "function" / "prompts" / "system.txt").read_text() == "be brief"
     # An overlay: what the user removed is still there from the template.
     assert (context / "function" / "openai_api.py").exists()
-    for runtime_file in ("Dockerfile", "index.py", "handler_server.py", "model_cache.py"):
+    for runtime_file in ("Dockerfile", "index.py", "model_cache.py"):
         assert (context / runtime_file).is_file()
 
 

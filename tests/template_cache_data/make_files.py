@@ -26,8 +26,10 @@ FINGERPRINT = {
     "torch": "2.13.0",
     "transformers": "5.24.0",
     "safetensors": "0.8.0",
+    "libraries": {"accelerate": "1.14.0", "gguf": "0.19.0", "flash-attn": None, "kernels": None,
+                  "bitsandbytes": None, "numpy": "2.4.4"},
     "machine": "x86_64",
-    "accelerator": {"kind": "cpu", "cuda": None, "devices": []},
+    "accelerator": {"kind": "cpu", "cuda": None, "gpus": []},
 }
 # Fixed tensors: (name, dtype, shape, raw little-endian bytes).
 TENSORS = [
@@ -47,7 +49,8 @@ def build_golden(out_dir: Path) -> Path:
     for name, dtype, shape, data in TENSORS:
         writer.add_packed(name, data, dtype, shape, mutated=name.endswith("step"))
     source_id = writer.add_source_file(
-        "weights.raw", FileBase.FUNCTION, len(SOURCE), hashlib.sha256(SOURCE).hexdigest()
+        "weights.raw", FileBase.FUNCTION, len(SOURCE), hashlib.sha256(SOURCE).hexdigest(),
+        local=function_dir / "weights.raw",
     )
     writer.add_source_tensor(
         "0/bias", source_id, 10, "F32", (4,), hashlib.sha256(SOURCE[10:]).hexdigest(), False
@@ -138,6 +141,10 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "flipped_byte": (_flip_byte(70), "tensor 0/norm.weight: sha256 does not match"),
     "bad_tensor_checksum": (_edit_manifest(_tensor("0/step", "sha256", "f" * 64)),
                             "tensor 0/step: sha256 does not match"),
+    "bad_tensor_xxh3": (_edit_manifest(_tensor("0/embed.weight", "xxh3", "0" * 32)),
+                        "tensor 0/embed.weight: xxh3 does not match"),
+    "bad_rest_xxh3": (_edit_manifest(_file("src0", "rest_xxh3", "1" * 32)),
+                      "file src0 (weights.raw): rest_xxh3 does not match"),
     "bad_file_checksum": (_edit_manifest(_file("packed", "sha256", "e" * 64)),
                           "file packed (weights.bin): sha256 does not match"),
     "unknown_version": (_edit_manifest(_set("format_version", 99)),

@@ -13,6 +13,7 @@ from fwatchdog.config import (
     NO_IDLE_LIMIT,
     ConfigError,
     Mode,
+    Warmup,
     from_env,
 )
 
@@ -107,11 +108,48 @@ def test_static_mode_needs_no_fprocess() -> None:
     assert from_env({"mode": "static"}).fprocess == ()
 
 
+def test_llm_mode_needs_no_fprocess_and_has_its_defaults() -> None:
+    config = from_env({"mode": "llm"})
+    assert config.mode is Mode.LLM and config.fprocess == ()
+    assert config.function_dir == "/home/app/function"
+    assert config.template_dir == "/home/app/.fwatchdog/template"
+    assert (config.llm_handlers, config.llm_spares, config.llm_max_requests,
+            config.llm_max_requests_jitter, config.llm_gpu_idle_timeout) == (1, 1, 0, 0, 0.0)
+    assert config.llm_warmup is Warmup.AUTO and config.llm_device == "auto"
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"function_dir": "/srv/fn"}, "function_dir", "/srv/fn"),
+        ({"template_dir": "/srv/t"}, "template_dir", "/srv/t"),
+        ({"llm_handlers": "4"}, "llm_handlers", 4),
+        ({"llm_spares": "0"}, "llm_spares", 0),
+        ({"llm_max_requests": "1"}, "llm_max_requests", 1),
+        ({"llm_max_requests_jitter": "10"}, "llm_max_requests_jitter", 10),
+        ({"llm_gpu_idle_timeout": "90s"}, "llm_gpu_idle_timeout", 90.0),
+        ({"llm_gpu_idle_timeout": "2"}, "llm_gpu_idle_timeout", 2.0),
+        ({"llm_warmup": "full"}, "llm_warmup", Warmup.FULL),
+        ({"llm_device": "cuda:1"}, "llm_device", "cuda:1"),
+    ],
+)
+def test_llm_variable(env: dict[str, str], field: str, expected: object) -> None:
+    assert getattr(from_env({"mode": "llm", **env}), field) == expected
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
         ({"fprocess": "cat", "mode": "grpc"}, "mode='grpc': unknown mode"),
-        ({"fprocess": "cat", "mode": "llm"}, "mode='llm': unknown mode"),
+        ({"mode": "llm", "llm_handlers": "0"}, "llm_handlers='0': must be between 1 and 64"),
+        ({"mode": "llm", "llm_spares": "-1"}, "llm_spares='-1'"),
+        ({"mode": "llm", "llm_max_requests": "one"}, "llm_max_requests='one': expected a whole"),
+        ({"mode": "llm", "llm_max_requests_jitter": "-2"}, "llm_max_requests_jitter='-2'"),
+        ({"mode": "llm", "llm_gpu_idle_timeout": "soon"}, "llm_gpu_idle_timeout='soon'"),
+        ({"mode": "llm", "llm_warmup": "always"}, "llm_warmup='always': expected one of"),
+        ({"mode": "llm", "llm_device": "tpu"}, "llm_device='tpu': expected auto, cpu"),
+        ({"mode": "llm", "function_dir": "function"}, "function_dir='function': must be an abs"),
+        ({"mode": "llm", "template_dir": "./t"}, "template_dir='./t': must be an absolute"),
         ({}, "fprocess: required"),
         ({"fprocess": "  "}, "fprocess: required"),
         ({"fprocess": "python -c 'unclosed"}, "cannot split"),

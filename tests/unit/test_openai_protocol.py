@@ -191,6 +191,19 @@ def test_server_config_from_env() -> None:
     assert "DEFAULT_MAX_TOKENS" in str(caught.value)
 
 
+def test_model_aliases_from_env() -> None:
+    config = api.ServerConfig.from_env({"MODEL_NAME": "m"}, "d")
+    assert (config.aliases, config.any_model) == (frozenset(), False)
+    assert config.serves("m") and not config.serves("gpt-4o") and not config.serves("")
+    config = api.ServerConfig.from_env({"MODEL_NAME": "m", "MODEL_ALIASES": " gpt-4o, ,x "}, "d")
+    assert config.aliases == {"gpt-4o", "x"}
+    assert config.serves("gpt-4o") and config.serves("m") and not config.serves("gpt-4")
+    config = api.ServerConfig.from_env({"MODEL_ALIASES": "*"}, "d")
+    assert config.any_model and config.serves("anything at all")
+    with pytest.raises(ValueError, match="MODEL_ALIASES"):
+        api.ServerConfig.from_env({"MODEL_ALIASES": "*,gpt-4o"}, "d")
+
+
 # ------------------------------------------------------------------ stop sequences
 
 
@@ -349,10 +362,12 @@ class Event:
         self.query: dict = {}
 
 
-def scripted_server(model: Any, max_concurrent: int = 1) -> Any:
+def scripted_server(model: Any, max_concurrent: int = 1, aliases: str = "") -> Any:
     model.config = types.SimpleNamespace(max_position_embeddings=64)
     model.generation_config = types.SimpleNamespace(eos_token_id=0)
-    config = api.ServerConfig(model_name="scripted", max_concurrent=max_concurrent)
+    config = api.ServerConfig.from_env(
+        {"MODEL_NAME": "scripted", "MAX_CONCURRENT_GENERATIONS": str(max_concurrent),
+         "MODEL_ALIASES": aliases}, "unused")
     return api.OpenAIServer(model, ServerTokenizer(TABLE), config)
 
 
@@ -399,6 +414,63 @@ def test_one_slot_means_a_second_generation_is_a_503_until_the_first_ends() -> N
     first["body"].close()  # the client left
     again = server.handle(Event("/v1/completions", {"prompt": "y", "max_tokens": 2}), CONTEXT)
     assert again["statusCode"] == 200 and again["body"]["usage"]["completion_tokens"] == 2
+
+
+class NeverCalled:
+    """A model that fails the test if a request reaches it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an unserved model name reached the model")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("/v1/chat/completions",
+              {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        Event("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}),
+        Event("/v1/models/gpt-4o", {}, method="GET"),
+    ],
+)
+def test_a_model_that_is_not_served_is_a_404_model_not_found(event: Any) -> None:
+    server = scripted_server(NeverCalled())
+    res = server.handle(event, CONTEXT)
+    assert res["statusCode"] == 404
+    error = res["body"]["error"]
+    assert (error["code"], error["param"], error["type"]) == (
+        "model_not_found", "model", "invalid_request_error")
+    assert "'gpt-4o' does not exist" in error["message"]
+    assert "'scripted'" in error["message"]
+
+
+@pytest.mark.parametrize(("aliases", "name"), [("gpt-4o", "gpt-4o"), ("*", "any-name"),
+                                               ("", "scripted"), ("", None)])
+def test_served_names_aliases_and_any_name_are_answered(aliases: str, name: str | None) -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(ScriptedModel(torch, ids("ab"), len(TABLE)), aliases=aliases)
+    body: dict[str, Any] = {"prompt": "x", "max_tokens": 2}
+    if name is not None:
+        body["model"] = name
+    res = server.handle(Event("/v1/completions", body), CONTEXT)
+    assert res["statusCode"] == 200
+    assert res["body"]["model"] == "scripted"  # the model that answered, as OpenAI reports it
+    if name is not None:
+        card = server.handle(Event(f"/v1/models/{name}", {}, method="GET"), CONTEXT)
+        assert card["statusCode"] == 200 and card["body"]["id"] == "scripted"
+
+
+def test_the_tracers_default_samples_are_answered_not_rejected() -> None:
+    """A build traces these when a function has no samples/: a 404 would warm up nothing."""
+    from fwatchdog.tracer.function import DEFAULT_SAMPLES, parse_sample
+
+    torch = pytest.importorskip("torch")
+    for i, raw in enumerate(DEFAULT_SAMPLES):
+        sample = parse_sample(f"default-{i}", raw)
+        server = scripted_server(ScriptedModel(torch, ids("ab"), len(TABLE)))
+        event = types.SimpleNamespace(path=sample.path, method=sample.method, body=sample.body,
+                                      headers=sample.headers, query=sample.query)
+        res = server.handle(event, CONTEXT)
+        assert res["statusCode"] == 200, res["body"]
 
 
 # ------------------------------------------------------------ incremental decoding

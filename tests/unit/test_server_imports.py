@@ -1,4 +1,6 @@
-"""The front never imports torch (DESIGN.md section 3.2)."""
+"""The front never imports torch (docs/architecture.md, "A front without torch"):
+every mode's module, and the watchdog built in http and llm mode (the llm
+runtime's front side included)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ SCRIPT = textwrap.dedent('''
         importlib.import_module(target.partition(":")[0])
 
     async def build():
-        config = from_env({"mode": "http", "fprocess": "true",
-                           "upstream_url": "http://127.0.0.1:1", "TMPDIR": "."})
-        wd = fwatchdog.server.Watchdog(config, log=logging.getLogger("t"),
-                                       stdout=io.StringIO(), stderr=io.StringIO())
-        wd.app()
+        for env in ({"mode": "http", "fprocess": "true", "upstream_url": "http://127.0.0.1:1"},
+                    {"mode": "llm"}):
+            config = from_env({**env, "TMPDIR": "."})
+            wd = fwatchdog.server.Watchdog(config, log=logging.getLogger("t"),
+                                           stdout=io.StringIO(), stderr=io.StringIO())
+            wd.app()
 
     asyncio.run(build())
     heavy = sorted(m for m in sys.modules

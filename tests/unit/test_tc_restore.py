@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -136,28 +137,36 @@ def test_interception_is_removed_on_exit_nesting_and_errors(tmp_path: Path) -> N
     assert isinstance(PreTrainedModel.__dict__["from_pretrained"], classmethod)
 
 
-def test_shared_memory_holder_attach_is_zero_copy(tmp_path: Path) -> None:
+def test_memfd_holder_attach_is_zero_copy_and_read_only(tmp_path: Path) -> None:
     function_dir = _function(tmp_path)
     template, _ = _trace(function_dir, tmp_path / "t")
     expected = _loads(function_dir)
     with hold(template, function_dir) as holder:
         info = HandleInfo.from_json(holder.info.to_json())
-        assert info.kind == "shm" and Path(info.path or "").exists()
-        source = attach(info)
+        assert info.kind == "memfd" and len(holder.fds()) == 1
+        # An anonymous memfd: no name in /dev/shm or anywhere else to leak.
+        assert os.readlink(f"/proc/self/fd/{holder.fds()[0]}").startswith("/memfd:")
+        source = attach(info, holder.fds())
         with restore(template, function_dir, source=source) as stats:
             served = _loads(function_dir)
         assert stats.hits == 3
         for name, tensor in expected.items():
             assert torch.equal(served[name], tensor), name
-        # The handler's view aliases the holder's pages: a write by the holder shows.
-        offset = info.offsets["0/b"]
-        with open(info.path or "", "r+b") as handle, mmap.mmap(handle.fileno(), 0) as shared:
-            shared[offset : offset + 8] = (99).to_bytes(8, "little")
-        assert int(served["file.b"][0]) == 99
-        # A write by the handler stays private (copy-on-write).
-        served["file.a"].zero_()
-        assert torch.equal(attach(info).tensor(_entry(template, "0/a")), expected["file.a"])
-    assert not Path(info.path or "").exists()
+        # Every served tensor is a view of the one buffer, and listed as such.
+        assert {(s.load_key.split("|")[0], s.local_name) for s in stats.shared_tensors} == {
+            ("load_file", "a"), ("load_file", "b"), ("safe_open", "a"), ("torch_load", "w")}
+        assert all(s.tensor() is not None for s in stats.shared_tensors)
+        # The memfd is sealed: nobody can write to it, shrink or grow it.
+        with pytest.raises(OSError):
+            os.ftruncate(holder.fds()[0], 1)
+        with pytest.raises(PermissionError):
+            mmap.mmap(holder.fds()[0], info.size, flags=mmap.MAP_SHARED,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd = holder.fds()[0]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the holder
+    # Tensors handed out keep their mapping: a handler outliving the holder still reads.
+    assert torch.equal(served["file.a"], expected["file.a"])
 
 
 def test_attach_refuses_another_template(tmp_path: Path) -> None:
@@ -165,7 +174,8 @@ def test_attach_refuses_another_template(tmp_path: Path) -> None:
     template, _ = _trace(function_dir, tmp_path / "t")
     other, _ = _trace(function_dir, tmp_path / "u", mutate=True)
     with hold(other, function_dir) as holder:
-        with restore(template, function_dir, source=attach(holder.info)) as stats:
+        with restore(template, function_dir,
+                     source=attach(holder.info, holder.fds())) as stats:
             _loads(function_dir)
         assert not stats.used and "another template" in (stats.rejected or "")
 
@@ -183,7 +193,7 @@ def test_holder_refuses_a_changed_weight_file(tmp_path: Path) -> None:
     template, _ = _trace(function_dir, tmp_path / "t")
     safetensors.torch.save_file({"a": torch.zeros(4, 8), "b": torch.arange(6)},
                                 function_dir / "weights.safetensors")
-    with pytest.raises(TemplateError, match="changed since the trace"):
+    with pytest.raises(TemplateError, match="tensor 0/a: .*changed since the trace"):
         hold(template, function_dir)
 
 
@@ -206,7 +216,8 @@ def test_a_load_that_cannot_be_served_falls_back(tmp_path: Path) -> None:
     template, _ = _trace(function_dir, tmp_path / "t")
     manifest = json.loads((template / "manifest.json").read_text())
     manifest["loads"][0]["container"] = "weird"
-    manifest["loads"][0]["device"] = "no-such-device"
+    # torch.load without map_location restores to the traced locations: a bad one.
+    manifest["loads"][2]["device"] = "no-such-device"
     (template / "manifest.json").write_bytes(dumps_manifest(manifest))
     expected = _loads(function_dir)
     with restore(template, function_dir) as stats:

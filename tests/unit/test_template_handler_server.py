@@ -10,39 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import importlib.util
 import json
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "python3-llm"
+from fwatchdog.llm import handler_server as hs
+
 TIMEOUT = 20.0
 
 
-def load_handler_server() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "python3_llm_handler_server", TEMPLATE / "handler_server.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    previous = sys.dont_write_bytecode
-    sys.dont_write_bytecode = True  # never write __pycache__ into the template
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = previous
-    return module
-
-
-hs = load_handler_server()
 
 
 def free_port() -> int:

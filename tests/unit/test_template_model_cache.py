@@ -90,11 +90,11 @@ def test_conversion_happens_once_then_the_folder_is_reused(
     assert marker["format_version"] == mc.FORMAT_VERSION
     assert (first / "config.json").stat().st_mode & 0o777 == 0o644
     assert first.stat().st_mode & 0o777 == 0o755
-    # Only the folder and its lock file: no temporary folder left behind.
-    assert sorted(p.name for p in first.parent.iterdir()) == [
-        ".smollm2-135m-instruct.lock",
-        "smollm2-135m-instruct",
-    ]
+    # The lock file, the converted folder, and the symlink to it: nothing else left.
+    names = sorted(p.name for p in first.parent.iterdir())
+    assert names[0] == ".smollm2-135m-instruct.lock" and names[2] == "smollm2-135m-instruct"
+    assert first.is_symlink() and first.resolve() == first.parent / names[1]
+    assert len(names) == 3
 
 
 def test_a_failed_conversion_leaves_nothing_behind(
@@ -109,6 +109,32 @@ def test_a_failed_conversion_leaves_nothing_behind(
     with pytest.raises(OSError, match="disk full"):
         mc.ensure_default_model(env)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".smollm2-135m-instruct.lock"]
+
+
+def test_an_outdated_folder_is_removed_only_after_the_switch(
+    tmp_path: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final path never shows a missing or half-removed folder: the old version is
+    removed only once the path points at the complete new one."""
+    env = {"FWATCHDOG_MODEL_CACHE": str(tmp_path)}
+    calls: list[Path] = []
+    monkeypatch.setattr(mc, "convert_gguf", fake_convert(calls))
+    target = mc.ensure_default_model(env)
+    old = target.resolve()
+    (old / mc.MARKER_FILE).write_text(json.dumps({"format_version": 0}))  # outdated
+    seen: list[bool] = []
+    removed: list[Path] = []
+    real_rmtree = mc.shutil.rmtree
+
+    def watching_rmtree(path: Path, *args: object, **kwargs: object) -> None:
+        seen.append(mc.is_complete(target) and target.resolve() != Path(path).resolve())
+        removed.append(Path(path))
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mc.shutil, "rmtree", watching_rmtree)
+    assert mc.ensure_default_model(env) == target
+    assert removed == [old] and seen == [True]
+    assert not old.exists() and mc.is_complete(target) and len(calls) == 2
 
 
 def test_an_incomplete_folder_is_replaced(

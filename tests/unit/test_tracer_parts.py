@@ -53,17 +53,18 @@ def test_consume_drains_streams() -> None:
     assert function.consume({"statusCode": 200, "body": iter([b"xyz"])}) == 3
 
 
-def test_call_key_names_every_argument(tmp_path: Path) -> None:
+def test_call_key_names_every_argument_but_the_device(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     key, _ = call_key(Loader.LOAD_FILE, None, (str(tmp_path / "model" / "w.safetensors"),),
                       {"device": "cpu"}, tmp_path)
-    assert key == "load_file|path='function:model/w.safetensors'|device='cpu'"
+    assert key == ("load_file|path='function:model/w.safetensors'"
+                   "|default_dtype='torch.float32'")
     other, _ = call_key(Loader.LOAD_FILE, None, (str(tmp_path / "model" / "w.safetensors"),),
                         {"device": "cuda"}, tmp_path)
-    assert other != key
+    assert other == key  # the bytes read do not depend on the device
     dtype_key, _ = call_key(Loader.TORCH_LOAD, None, ("/x.pt",),
-                            {"map_location": torch.device("cpu")}, tmp_path)
-    assert dtype_key == "torch_load|path='/x.pt'|map_location='cpu'"
+                            {"map_location": torch.device("cpu"), "mmap": True}, tmp_path)
+    assert dtype_key == "torch_load|path='/x.pt'|mmap=True|default_dtype='torch.float32'"
 
 
 def test_call_key_refuses_opaque_arguments(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ through the capability, handing every other connection to aiohttp and so to
 - ``limit_for(x_timeout_header)``: the request's time limit in seconds (0: none).
 - ``target_for(raw_target)``: the upstream request target for the client's
   origin-form target.
+- ``upstream_failed_status``: the answer when the upstream fails before its
+  response head (500 by default, as of-watchdog's http mode).
 The front applies the same relay rules as the aiohttp path
 (:mod:`fwatchdog.relay`) and counts every request through the server's
 :class:`~fwatchdog.accounting.Accounting`, so a mode offering the capability
@@ -56,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TextIO
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from fwatchdog.config import Config, Mode
 
@@ -100,6 +103,9 @@ class LeanProxy:
     acquire: Callable[[], Awaitable[Lease]]
     limit_for: Callable[[str | None], float]
     target_for: Callable[[str], str]
+    # The answer when the upstream fails before its head: of-watchdog's 500 in
+    # http mode; a mode whose upstreams are its own processes may say 502.
+    upstream_failed_status: int = 500
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ class ModeContext:
     # Set when the shutdown is cut short (a second SIGTERM, SIGQUIT): stop()
     # then ends the mode's processes without waiting out their grace.
     forced: asyncio.Event = field(default_factory=asyncio.Event)
+    # The watchdog's metrics registry, for a mode's own metrics (mode=llm).
+    registry: CollectorRegistry | None = None
 
 
 class ModeHandler(abc.ABC):
@@ -140,6 +148,10 @@ class ModeHandler(abc.ABC):
         """Extra readiness condition of the mode (``/_/ready``); True by default."""
         return True
 
+    def unready_reason(self) -> str:
+        """Why :meth:`ready` is False, for the 503's body; empty by default."""
+        return ""
+
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """End every process the mode started."""
 
@@ -150,6 +162,7 @@ _REGISTRY: dict[Mode, str] = {
     Mode.STREAMING: "fwatchdog.modes.streaming:StreamingMode",
     Mode.SERIALIZING: "fwatchdog.modes.serializing:SerializingMode",
     Mode.STATIC: "fwatchdog.modes.static:StaticMode",
+    Mode.LLM: "fwatchdog.modes.llm:LlmMode",
 }
 
 

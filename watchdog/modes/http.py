@@ -81,6 +81,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from fwatchdog.durations import format_duration, parse_duration
+from fwatchdog.errors import reason, timeout_reason
 from fwatchdog.logpump import pump
 from fwatchdog.logs import kv
 from fwatchdog.modes.base import (
@@ -148,7 +149,7 @@ class _BodyError(Exception):
 
 def _internal(status: int, started: float, text: str = "") -> web.Response:
     # _Verbatim: no Server header, as on the lean front (one answer on both paths).
-    resp = _Verbatim(status=status, text=text or None)
+    resp = _Verbatim(status=status, text=text or reason(status))
     resp.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
     resp.headers[INTERNAL] = "of-watchdog"
     return resp
@@ -192,6 +193,8 @@ def _group_alive(pgid: int) -> bool:
 
 class HttpMode(ModeHandler):
     cancel_on_disconnect = True  # a client that leaves cancels its upstream call
+    # The answer when the function fails before its response head: of-watchdog's 500.
+    upstream_failed_status = 500
 
     def __init__(self, ctx: ModeContext, upstream_url: str | None = None) -> None:
         """``upstream_url`` overrides the configured one (mode=llm proxies to Unix
@@ -354,9 +357,14 @@ class HttpMode(ModeHandler):
         """The keep-alive pool to the function; None until :meth:`start`."""
         return self._pool
 
-    def lean_proxy(self) -> LeanProxy:
+    def lean_proxy(self) -> LeanProxy | None:
+        if type(self).handle is not HttpMode.handle:
+            # A subclass that answers through its own handle (mode=llm) would be
+            # bypassed by the lean front: it offers its own capability, or none.
+            return None
         return LeanProxy(acquire=self._acquire, limit_for=self.limit_for,
-                         target_for=self.target_for)
+                         target_for=self.target_for,
+                         upstream_failed_status=self.upstream_failed_status)
 
     async def _acquire(self) -> Lease:
         if self._lease is None:
@@ -377,6 +385,10 @@ class HttpMode(ModeHandler):
             if wanted > 0 and (limit == 0 or wanted < limit):
                 return wanted
         return limit
+
+    def stream_error_event(self, content_type: str) -> bytes | None:
+        """Bytes written to a stream the upstream broke off, before the cut; None here."""
+        return None
 
     def _target(self, request: web.Request) -> str:
         raw = request.raw_path
@@ -459,7 +471,7 @@ class HttpMode(ModeHandler):
         except asyncio.TimeoutError:
             self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                  exec_timeout=format_duration(seconds)))
-            return "timeout", _internal(504, started)
+            return "timeout", _internal(504, started, timeout_reason(seconds))
         except Unavailable as exc:
             return "error", _internal(503, started, f"{exc}\n")
         except MalformedResponse as exc:
@@ -467,7 +479,7 @@ class HttpMode(ModeHandler):
             return "error", _internal(502, started)
         except _RELAY_ERRORS as exc:
             self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
-            return "error", _internal(502 if stream else 500, started)
+            return "error", _internal(502 if stream else self.upstream_failed_status, started)
         try:
             return await self._relay(request, upstream, relay, deadline)
         finally:
@@ -549,7 +561,12 @@ class HttpMode(ModeHandler):
                                      error=repr(exc)))
             upstream.close()
             outcome = "error"
-            # Headers are out: cut the connection so the client sees the truncation.
+            # Headers are out: cut the connection so the client sees the truncation,
+            # after a last event saying why when the mode has one for this stream.
+            tail = self.stream_error_event(out.headers.get("Content-Type", ""))
+            if tail is not None and request.transport is not None:
+                with contextlib.suppress(Exception):
+                    await out.write(tail)
             if request.transport is not None:
                 request.transport.close()
         out[BODY_BYTES_KEY] = sent
@@ -579,7 +596,7 @@ class HttpMode(ModeHandler):
             resp = _internal(exc.status if exc.status >= 400 else 502, started)
             return resp
         except asyncio.TimeoutError:
-            return _internal(504, started)
+            return _internal(504, started, timeout_reason(seconds))
         except (aiohttp.ClientError, OSError):
             return _internal(502, started)
         ws = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),

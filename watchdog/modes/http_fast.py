@@ -94,6 +94,7 @@ from aiohttp import web
 from fwatchdog.accounting import Accounting
 from fwatchdog.config import Config
 from fwatchdog.durations import format_duration
+from fwatchdog.errors import reason, timeout_reason
 from fwatchdog.logs import kv
 from fwatchdog.modes.base import LeanProxy, Lease, Outcome, Unavailable
 from fwatchdog.proxyheaders import to_upstream
@@ -486,9 +487,9 @@ class FastConnection(asyncio.Protocol):
 
     def _internal(self, status: int, started: float, keep_alive: bool,
                   text: str = "", head: bool = False) -> tuple[int, str, int]:
-        return self._plain(status, text, [("X-Duration-Seconds",
-                                           f"{time.perf_counter() - started:f}"),
-                                          (INTERNAL, "of-watchdog")], keep_alive, head)
+        return self._plain(status, text or reason(status),
+                           [("X-Duration-Seconds", f"{time.perf_counter() - started:f}"),
+                            (INTERNAL, "of-watchdog")], keep_alive, head)
 
     def _head(self, upstream: Response, plan: Plan, length: int | None, chunked: bool,
               keep_alive: bool) -> bytes:
@@ -593,7 +594,8 @@ class FastConnection(asyncio.Protocol):
                 expiry.cancel()
         except asyncio.TimeoutError:
             log.info(kv("upstream_timeout", uri=req.target, exec_timeout=format_duration(seconds)))
-            return "timeout", (*self._internal(504, started, keep, head=head), keep)
+            return "timeout", (*self._internal(504, started, keep, timeout_reason(seconds),
+                                               head), keep)
         except Unavailable as exc:
             return "error", (*self._internal(503, started, keep, f"{exc}\n", head), keep)
         except MalformedResponse as exc:
@@ -601,7 +603,8 @@ class FastConnection(asyncio.Protocol):
             return "error", (*self._internal(502, started, keep, head=head), keep)
         except _RELAY_ERRORS as exc:
             log.info(kv("upstream_error", uri=req.target, error=str(exc)))
-            return "error", (*self._internal(500, started, keep, head=head), keep)
+            return "error", (*self._internal(proxy.upstream_failed_status, started, keep,
+                                             head=head), keep)
         try:
             ok, result = await self._stream(req, upstream, relay, deadline)
         finally:

@@ -35,6 +35,7 @@ import stat
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from fwatchdog.modes.base import ModeContext, ModeHandler, StartError
 from fwatchdog.process import error_response, log_event
@@ -164,7 +165,23 @@ class StaticMode(ModeHandler):
         return self._file(real)
 
     def _file(self, real: str) -> web.FileResponse:
-        return web.FileResponse(real, headers={"Content-Type": self.content_type(real)})
+        return _SentOnce(real, headers={"Content-Type": self.content_type(real)})
+
+
+class _SentOnce(web.FileResponse):
+    """A file response that may be prepared twice, as every other response may.
+
+    The server core prepares and finishes a response itself (so its duration and
+    byte count include the body), then returns it, and aiohttp prepares it once
+    more. ``web.FileResponse.prepare`` would open and send the file again and
+    trip over its own finished writer; the traceback then closed the keep-alive
+    connection.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 def _redirect(location: str, raw_query: str) -> web.Response:

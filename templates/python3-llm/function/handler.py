@@ -7,8 +7,9 @@ and ``context`` (``.hostname``, ``.cancelled``), and returns a dict
 ``{"statusCode", "headers", "body"}``, ``None``, or an iterator to stream.
 
 Environment: ``MODEL_PATH`` (a Hugging Face model folder; default: the embedded
-SmolLM2-135M-Instruct), ``MODEL_NAME``, ``MAX_CONCURRENT_GENERATIONS``,
-``DEFAULT_MAX_TOKENS``, ``MAX_MODEL_LEN``.
+SmolLM2-135M-Instruct), ``MODEL_NAME``, ``MODEL_ALIASES`` (other names a request's
+``model`` may use, or ``*``), ``MAX_CONCURRENT_GENERATIONS``, ``DEFAULT_MAX_TOKENS``,
+``MAX_MODEL_LEN``.
 """
 
 import os

@@ -8,6 +8,9 @@
 validation, errors, response and chunk shapes. The token loop is ``generation.py``.
 
 Invariants:
+- A request whose ``model`` is neither the served name nor an accepted alias is a
+  404 ``model_not_found`` and never reaches the model; no ``model`` means the
+  served one.
 - Every failure the client caused is a 4xx with OpenAI's error JSON
   ``{"error": {"message", "type", "param", "code"}}``; nothing it sends reaches the
   model before validation passed (types, ranges, UTF-8, context length).
@@ -57,14 +60,21 @@ class ServerConfig:
     """What the API needs to know beyond the model; built only by :meth:`from_env`."""
 
     model_name: str
+    # Other names a request's "model" may give (MODEL_ALIASES); any name with any_model.
+    aliases: frozenset[str] = frozenset()
+    any_model: bool = False
     max_concurrent: int = 2
     default_max_tokens: int = 512
     max_context: int | None = None  # None: the model's max_position_embeddings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_name: str) -> ServerConfig:
-        """Read ``MODEL_NAME``, ``MAX_CONCURRENT_GENERATIONS``, ``DEFAULT_MAX_TOKENS``
-        and ``MAX_MODEL_LEN``; a bad value raises ``ValueError`` naming every one."""
+        """Read ``MODEL_NAME``, ``MODEL_ALIASES``, ``MAX_CONCURRENT_GENERATIONS``,
+        ``DEFAULT_MAX_TOKENS`` and ``MAX_MODEL_LEN``; a bad value raises ``ValueError``
+        naming every one.
+
+        ``MODEL_ALIASES`` is a comma-separated list of further names a request may
+        ask for (``gpt-4o,gpt-4o-mini``), or ``*`` for any name."""
         errors: list[str] = []
 
         def positive_int(name: str, default: int | None) -> int | None:
@@ -83,15 +93,27 @@ class ServerConfig:
         max_concurrent = positive_int("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
         default_max_tokens = positive_int("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
         max_context = positive_int("MAX_MODEL_LEN", None)
+        names = [n.strip() for n in env.get("MODEL_ALIASES", "").split(",")]
+        names = [n for n in names if n]
+        any_model = "*" in names
+        if any_model and len(names) > 1:
+            errors.append(f"MODEL_ALIASES={env['MODEL_ALIASES']!r}: '*' (any name) stands alone")
         if errors:
             raise ValueError("; ".join(errors))
         assert max_concurrent is not None and default_max_tokens is not None
         return cls(
             model_name=env.get("MODEL_NAME") or default_name,
+            aliases=frozenset(n for n in names if n != "*"),
+            any_model=any_model,
             max_concurrent=max_concurrent,
             default_max_tokens=default_max_tokens,
             max_context=max_context,
         )
+
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's ``model`` names this function's model."""
+        return self.any_model or name == self.model_name or name in self.aliases
 
 
 # ---------------------------------------------------------------- errors
@@ -257,10 +279,23 @@ def parse_stream(obj: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def parse_model(obj: Mapping[str, Any]) -> None:
+def parse_model(obj: Mapping[str, Any]) -> str | None:
+    """The request's ``model``; None when it names none (the served model then answers)."""
     model = _optional(obj, "model")
     if model is not None and not isinstance(model, str):
         raise _invalid("'model' must be a string.", "model")
+    return model
+
+
+def model_not_found(name: str, served: str) -> APIError:
+    """OpenAI's and vLLM's answer to a model name that is not served."""
+    return APIError(
+        404,
+        f"The model '{name}' does not exist. This function serves '{served}' "
+        "(its operator can accept other names with MODEL_ALIASES).",
+        param="model",
+        code="model_not_found",
+    )
 
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -402,13 +437,7 @@ class OpenAIServer:
                 return _json(200, {"object": "list", "data": [self._model_card()]})
             if path.startswith("/v1/models/"):
                 _allow(method, "GET")
-                if path[len("/v1/models/") :] != self.config.model_name:
-                    raise APIError(
-                        404,
-                        f"The model '{path[len('/v1/models/') :]}' does not exist.",
-                        param="model",
-                        code="model_not_found",
-                    )
+                self._check_model(path[len("/v1/models/") :])
                 return _json(200, self._model_card())
             raise APIError(
                 404,
@@ -424,6 +453,10 @@ class OpenAIServer:
             LOG.exception("request_failed path=%s", event.path)
             return APIError(500, f"The server failed: {exc!r}", type="server_error").response()
 
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and not self.config.serves(name):
+            raise model_not_found(name, self.config.model_name)
+
     def _model_card(self) -> dict[str, Any]:
         return {
             "id": self.config.model_name,
@@ -436,7 +469,7 @@ class OpenAIServer:
     # -- endpoints
 
     def chat_completions(self, obj: dict[str, Any], context: Any) -> dict[str, Any]:
-        parse_model(obj)
+        self._check_model(parse_model(obj))
         messages = parse_messages(obj)
         params = parse_sampling(obj)
         stream, include_usage = parse_stream(obj)
@@ -457,7 +490,7 @@ class OpenAIServer:
         )
 
     def completions(self, obj: dict[str, Any], context: Any) -> dict[str, Any]:
-        parse_model(obj)
+        self._check_model(parse_model(obj))
         prompt = parse_prompt(obj)
         params = parse_sampling(obj)
         stream, include_usage = parse_stream(obj)

@@ -1,7 +1,10 @@
-"""The python3-llm handler process's HTTP server: python3-http's contract on aiohttp.
+"""A function's HTTP server: python3-http's contract on aiohttp.
 
-fwatchdog (``mode=http``) proxies every request to this server, which calls the
-function's ``handle(event, context)`` exactly as python3-http does:
+One implementation for both ways a python3-llm function runs: in ``mode=http`` the
+template's ``index.py`` serves it on ``http_port`` (TCP, 5000), and in ``mode=llm``
+every forked handler process serves it on a Unix socket (owner-only) that the
+front proxies to. It calls the function's ``handle(event, context)`` exactly as
+python3-http does:
 
 - ``event``: ``.body`` (bytes), ``.headers`` (case-insensitive), ``.method``,
   ``.query``, ``.path``; ``context``: ``.hostname``, plus ``.cancelled``, a
@@ -38,13 +41,14 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import re
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,29 +359,58 @@ def make_runner(handle: Handle, config: Config) -> web.AppRunner:
     )
 
 
-async def serve(handle: Handle, config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return."""
+OnListening = Callable[[], "Coroutine[Any, Any, None] | None"]
+
+
+async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
+                on_listening: OnListening | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
+
+    With ``unix_path`` the server listens on a Unix socket there, readable and
+    writable by its owner only, instead of ``config.host:config.port``.
+    ``on_listening`` is called once connections are accepted; a coroutine it returns
+    runs beside the server until the server stops (mode=llm's handler reads the
+    front's requests there)."""
     runner = make_runner(handle, config)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    LOG.info("server_started host=%s port=%d", config.host, config.port)
+    site: web.BaseSite
+    if unix_path is not None:
+        # Owner-only from the moment the socket exists: no window with wider modes.
+        old = os.umask(0o177)
+        try:
+            site = web.UnixSite(runner, unix_path)
+            await site.start()
+        finally:
+            os.umask(old)
+        LOG.info("server_started unix=%s", unix_path)
+    else:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        LOG.info("server_started host=%s port=%d", config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    beside: asyncio.Task[None] | None = None
+    if on_listening is not None:
+        started = on_listening()
+        if started is not None:
+            beside = asyncio.ensure_future(started)
     try:
         await stop.wait()
         LOG.info("server_stopping")
     finally:
+        if beside is not None:
+            beside.cancel()
         await runner.cleanup()
     LOG.info("server_stopped")
 
 
-def run(handle: Handle, config: Config) -> None:
+def run(handle: Handle, config: Config, *, unix_path: str | None = None,
+        on_listening: OnListening | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(handle, config))
+        asyncio.run(serve(handle, config, unix_path=unix_path, on_listening=on_listening))
     else:
-        uvloop.run(serve(handle, config))
+        uvloop.run(serve(handle, config, unix_path=unix_path, on_listening=on_listening))

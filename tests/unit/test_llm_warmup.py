@@ -1,0 +1,66 @@
+"""The warm-up plan a mode=llm handler runs before it reports ready."""
+
+from __future__ import annotations
+
+import json
+
+from fwatchdog.config import Warmup
+from fwatchdog.llm import warmup
+
+CHAT = {"name": "chat", "method": "POST", "path": "/v1/chat/completions",
+        "headers": {"Content-Type": "application/json"},
+        "body": json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                            "stop": ["\n"]})}
+PLAIN = {"name": "plain", "method": "GET", "path": "/"}
+PLAN = {"samples": [PLAIN, CHAT], "prompt_lengths": [1, 2, 4, 8]}
+
+
+def test_auto_runs_the_samples_only_on_cpu() -> None:
+    assert warmup.plan_requests(PLAN, Warmup.AUTO, cuda=False) == [PLAIN, CHAT]
+
+
+def test_off_runs_nothing() -> None:
+    assert warmup.plan_requests(PLAN, Warmup.OFF, cuda=True) == []
+
+
+def test_full_adds_each_prompt_length_greedy_then_sampled_on_a_gpu() -> None:
+    requests = warmup.plan_requests(PLAN, Warmup.AUTO, cuda=True)
+    assert requests[:2] == [PLAIN, CHAT]
+    extra = requests[2:]
+    assert [r["name"] for r in extra] == [
+        "chat-1", "chat-1-sampled", "chat-2", "chat-2-sampled", "chat-4", "chat-4-sampled",
+        "chat-8", "chat-8-sampled"]
+    body = json.loads(extra[6]["body"])
+    assert body["messages"] == [{"role": "user", "content": " ".join(["hello"] * 8)}]
+    assert body["max_tokens"] == 2 and body["temperature"] == 0 and "stop" not in body
+    sampled = json.loads(extra[7]["body"])
+    assert sampled["temperature"] > 0 and 0 < sampled["top_p"] < 1
+
+
+def test_a_sample_that_is_not_openai_shaped_is_not_expanded() -> None:
+    assert warmup.plan_requests({"samples": [PLAIN], "prompt_lengths": [1, 2]},
+                                Warmup.FULL, cuda=False) == [PLAIN]
+
+
+def test_without_a_plan_the_tracer_default_samples_run() -> None:
+    from fwatchdog.tracer.function import DEFAULT_SAMPLES
+
+    assert warmup.plan_requests(None, Warmup.SAMPLES, cuda=False) == [dict(s) for s in
+                                                                       DEFAULT_SAMPLES]
+
+
+def test_run_counts_answers_and_failures_without_raising() -> None:
+    seen = []
+
+    def handle(event, context):
+        seen.append(event.path)
+        if event.path == "/boom":
+            raise ValueError("boom")
+        if event.path == "/refuse":
+            return {"statusCode": 400, "body": "no"}
+        return iter([b"a", b"b"])
+
+    plan = {"samples": [{"path": "/ok"}, {"path": "/boom"}, {"path": "/refuse"}]}
+    result = warmup.run(handle, plan, Warmup.SAMPLES, cuda=False)
+    assert seen == ["/ok", "/boom", "/refuse"]
+    assert (result["requests"], result["ok"], result["failed"]) == (3, 1, 2)

@@ -1,0 +1,284 @@
+"""A handler process: forked from the zygote, it restores the function and serves it.
+
+Its life, each step reported to the front over the front's Unix socket (wire frames)
+and shown in its process title (``fwatchdog: handler <state>``):
+
+1. ``attaching``: connect to the holder, check the buffer is the template's, and map
+   it (CUDA IPC or shared memory). On a GPU this creates the process's CUDA context.
+2. ``restoring``: import ``function.handler`` inside ``template_cache.restore``, so
+   the function's unmodified start-up gets its traced loads served from the buffer
+   (an untraced load runs normally and is counted as a miss). Without a usable
+   template the start-up runs the ordinary way.
+3. ``warming``: run the template's warm-up plan (fwatchdog.llm.warmup), so the first
+   real request runs at steady-state speed.
+4. ``ready``: listen on its own Unix socket (owner-only) with the function's HTTP
+   server (fwatchdog.llm.handler_server), then report ``ready`` with the restore's
+   counters and the phase timings.
+
+The spec (the front's ``fork`` message): ``id``, ``front`` (the front's socket),
+``socket`` (where to listen), ``holder`` (the holder's socket or null),
+``template_reason`` (why no template is used, when ``holder`` is null), ``warmup``
+(fwatchdog.config.Warmup value), ``device`` (the holder's device).
+
+Exit codes (a contract with the front, as gunicorn's workers have one): 0 after a
+SIGTERM drain; :data:`BOOT_ERROR` when the start-up failed (the front backs off
+instead of forking again at once, and reports the traceback it was sent).
+
+Invariants: the handler connects to the front before anything else and keeps that
+connection open for its whole life, so its end is the front's sign that it is gone
+(whoever its parent is by then); it never forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from fwatchdog.llm import wire
+from fwatchdog.llm.proctitle import set_title
+
+BOOT_ERROR = 3
+LOG = logging.getLogger("fwatchdog.handler")
+
+
+class Reporter:
+    """The handler's end of its connection to the front."""
+
+    def __init__(self, path: str, handler_id: int) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.id = handler_id
+        self.send({"event": "hello", "pid": os.getpid()})
+
+    def send(self, message: dict[str, Any]) -> None:
+        wire.send(self.sock, {**message, "id": self.id})
+
+    def state(self, state: str) -> None:
+        set_title(f"fwatchdog: handler {state}")
+        self.send({"event": "phase", "state": state})
+
+
+def attach(holder_path: str) -> Any:
+    """Map the holder's buffer; returns a TensorSource, and keeps the connection open."""
+    from fwatchdog.template_cache import holder as tc_holder
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(holder_path)
+    wire.send(sock, {"op": "attach", "pid": os.getpid()})
+    got = wire.recv(sock)
+    if got is None:
+        raise RuntimeError("the holder closed the connection")
+    message, fds = got
+    if message.get("event") != "handle":
+        raise RuntimeError(f"the holder has no buffer: {message.get('reason', message)}")
+    info = tc_holder.HandleInfo.from_json(message["info"])
+    try:
+        source = tc_holder.attach(info, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    source._holder_connection = sock  # noqa: SLF001 - closed with the process
+    return source
+
+
+def _reseed() -> None:
+    """The zygote's generators were copied into every child: give each its own."""
+    random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
+
+
+class Weights:
+    """What this handler maps of the holder's buffer, so it can let go of it while the
+    GPU is released and take the new buffer after a wake, keeping its process (its
+    CUDA context and loaded kernels) and every model object."""
+
+    def __init__(self, source: Any, shared: list[Any]) -> None:
+        self.source = source
+        self.shared = shared
+
+    def release(self) -> int:
+        """Point every served tensor at a one-element placeholder of its shape, then
+        drop the mapping and the holder connection: the holder may free the buffer."""
+        import torch
+
+        moved = 0
+        placeholders: dict[tuple[Any, Any], Any] = {}
+        for item in self.shared:
+            obj = item.tensor()
+            if obj is None:
+                continue
+            key = (obj.dtype, obj.device)
+            if key not in placeholders:
+                placeholders[key] = torch.zeros(1, dtype=obj.dtype, device=obj.device)
+            obj.data = placeholders[key].expand(obj.shape)
+            moved += 1
+        self._drop_source()
+        gc_and_empty_cache()
+        return moved
+
+    def reattach(self, holder_path: str) -> int:
+        from fwatchdog.template_cache.restore import repoint
+
+        self.source = attach(holder_path)
+        return repoint(self.shared, self.source)
+
+    def _drop_source(self) -> None:
+        source, self.source = self.source, None
+        if source is None:
+            return
+        connection = getattr(source, "_holder_connection", None)
+        source.close()
+        if connection is not None:
+            connection.close()
+
+
+def gc_and_empty_cache() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
+         report: Reporter) -> tuple[Any, dict[str, Any], Weights | None]:
+    """Steps 1-3 of the module docstring; returns (function module, ready report,
+    the mapped weights when the template served them)."""
+    from fwatchdog.config import Warmup
+    from fwatchdog.llm import warmup
+    from fwatchdog.template_cache.restore import restore
+    from fwatchdog.tracer.function import import_handler
+
+    phases: dict[str, float] = {}
+    stats: dict[str, Any] = {"used": False, "rejected": spec.get("template_reason"),
+                             "hits": 0, "misses": 0, "skipped": 0}
+    source = None
+    weights: Weights | None = None
+    if spec.get("holder"):
+        report.state("attaching")
+        started = time.perf_counter()
+        try:
+            source = attach(spec["holder"])
+        except Exception as exc:  # noqa: BLE001 - a start without the template is still a start
+            stats["rejected"] = f"cannot attach to the holder: {exc}"
+            LOG.warning("handler_attach_failed reason=%r", str(exc))
+        phases["handler_attach"] = time.perf_counter() - started
+    report.state("restoring")
+    started = time.perf_counter()
+    if source is not None:
+        with restore(template_dir, function_dir, source=source) as restored:
+            module = import_handler(function_dir)
+        stats.update(used=restored.used, rejected=restored.rejected, hits=restored.hits,
+                     misses=restored.misses, skipped=restored.skipped,
+                     miss_reasons=restored.miss_reasons[:10])
+        if restored.used:
+            weights = Weights(source, list(restored.shared_tensors))
+    else:
+        module = import_handler(function_dir)
+    phases["handler_restore"] = time.perf_counter() - started
+    handle = getattr(module, "handle", None)
+    if not callable(handle):
+        raise RuntimeError(f"{function_dir}/handler.py defines no handle(event, context)")
+    report.state("warming")
+    started = time.perf_counter()
+    plan = warmup.read_plan(template_dir) if stats.get("used") else None
+    ran = warmup.run(handle, plan, Warmup(spec.get("warmup", "auto")),
+                     cuda=str(spec.get("device", "cpu")).startswith("cuda"))
+    phases["handler_warmup"] = time.perf_counter() - started
+    ready = {"template": stats, "phases": {k: round(v, 4) for k, v in phases.items()},
+             "warmup": ran, "releasable": weights is not None}
+    return module, ready, weights
+
+
+def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
+    """The forked child's whole life; the zygote passes the return value to _exit."""
+    os.setsid()  # its own process group: a kill reaches whatever the function started
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s %(message)s", force=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _reseed()
+    set_title("fwatchdog: handler starting")
+    report = Reporter(spec["front"], int(spec["id"]))
+    try:
+        module, ready, weights = boot(spec, template_dir, function_dir, report)
+        from fwatchdog.llm import handler_server
+
+        config = handler_server.Config.from_env(os.environ)
+    except BaseException as exc:  # noqa: BLE001 - reported, then the front backs off
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        report.send({"event": "failed", "error": f"{type(exc).__name__}: {exc}",
+                     "traceback": text[-8000:]})
+        return BOOT_ERROR
+
+    listened = []
+
+    def listening() -> Coroutine[Any, Any, None]:
+        listened.append(True)
+        set_title("fwatchdog: handler ready")
+        report.send({"event": "ready", "socket": spec["socket"], **ready})
+        return follow_front(report, weights)
+
+    try:
+        handler_server.run(module.handle, config, unix_path=spec["socket"],
+                           on_listening=listening)
+    except OSError as exc:
+        if listened:
+            raise
+        report.send({"event": "failed", "error": f"cannot listen on {spec['socket']}: {exc}",
+                     "traceback": traceback.format_exc()[-8000:]})
+        return BOOT_ERROR
+    return 0
+
+
+async def follow_front(report: Reporter, weights: Weights | None) -> None:
+    """Answer the front's requests while serving: ``release`` (let go of the weights,
+    the GPU is being released) and ``reattach`` {holder} (map the reloaded buffer)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(sock=report.sock)
+    while True:
+        try:
+            message = await wire.read_frame(reader)
+        except (wire.WireError, OSError):
+            message = None
+        if message is None:
+            # The front is gone: nothing will route to us again.
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        op = message.get("op")
+        started = time.perf_counter()
+        try:
+            if weights is None:
+                raise RuntimeError("this handler's weights did not come from the template")
+            if op == "release":
+                moved = weights.release()
+                set_title("fwatchdog: handler released")
+                answer = {"event": "released", "tensors": moved}
+            elif op == "reattach":
+                moved = weights.reattach(str(message["holder"]))
+                set_title("fwatchdog: handler ready")
+                answer = {"event": "reattached", "tensors": moved}
+            else:
+                continue
+        except Exception as exc:  # noqa: BLE001 - the front retires us and forks anew
+            LOG.warning("handler_%s_failed error=%r", op, str(exc))
+            answer = {"event": f"{op}_failed", "error": str(exc)}
+        answer["seconds"] = round(time.perf_counter() - started, 4)
+        wire.write_frame(writer, {**answer, "id": report.id})
+        await writer.drain()
