@@ -6,7 +6,10 @@ section 7.6.1) describe one connection and are dropped in both directions:
 ``Connection`` and every header it names, ``Keep-Alive``, ``Proxy-Connection``,
 ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``. ``Expect`` is dropped
 towards the function because the front has already answered ``100 Continue``
-itself. ``Content-Length`` is kept: the body is relayed byte for byte.
+itself. ``Content-Length`` is kept towards the function: the request body is
+relayed byte for byte. Towards the client the response's framing
+(``Content-Length`` and ``Transfer-Encoding``) is dropped as well, by
+:mod:`fwatchdog.relay`, which frames the body it relays.
 
 Invariant: pure functions over header pairs; input order and repeated headers
 (``Set-Cookie``) are preserved.

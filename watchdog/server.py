@@ -5,11 +5,12 @@ requests for the function (see :mod:`fwatchdog.modes.base`).
 
 Routes on ``port``: ``/_/health`` and ``/_/ready`` (exact paths), every other
 path and method to the mode. Metrics on ``metrics_port`` at ``/metrics``.
-In http mode the port belongs to a lean protocol-level front
-(:mod:`fwatchdog.modes.http_fast`) that proxies plain requests itself and hands
-every other connection, at a request boundary, to this aiohttp server; both
-record through :meth:`Watchdog.record` and limit through
-:meth:`Watchdog.over_limit`.
+When the mode offers the lean front capability (``ModeHandler.lean_proxy``,
+see :mod:`fwatchdog.modes.base`; http mode does) the port belongs to a lean
+protocol-level front (:mod:`fwatchdog.modes.http_fast`) that proxies plain
+requests itself and hands every other connection, at a request boundary, to
+this aiohttp server; both count, limit and record through one
+:class:`~fwatchdog.accounting.Accounting` (:attr:`Watchdog.accounting`).
 
 Start order: metrics listener, listener (health answers 503 meanwhile), the
 mode's ``start`` (bounded by ``start_timeout``), then the lock file, then
@@ -20,11 +21,17 @@ Shutdown order (:meth:`Watchdog.shutdown`), read top to bottom:
 1. stop accepting for health/ready (503) and remove the lock file;
 2. keep serving what arrives and what is in flight;
 3. wait ``healthcheck_interval`` so load balancers see the 503 (skipped under
-   Knative, where queue-proxy drained before sending SIGTERM, and on SIGINT);
+   Knative, where queue-proxy drained before sending SIGTERM);
 4. stop the listener (and the fast front's);
 5. drain in-flight requests for up to ``write_timeout`` (both fronts at once);
-6. stop the mode (http: SIGTERM to the function, whose exit is then expected);
+6. stop the mode (http: SIGTERM to the function's group, whose exit is then
+   expected);
 7. exit 0.
+SIGINT and SIGHUP start the same shutdown as SIGTERM. A second one of the three
+(or SIGQUIT, which also writes the threads' stacks to stderr and exits 2) cuts
+it short wherever it is: no more waiting in 3., the connections still in flight
+are closed in 5., and the mode stops without its grace in 6. (see
+:mod:`fwatchdog.lifecycle` for the table).
 If the mode's process dies outside a shutdown (``ctx.fatal``), the watchdog
 removes the lock file and exits 1 so the platform restarts the container.
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -48,7 +56,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fwatchdog import accesslog, reaper
-from fwatchdog.config import Config, Mode
+from fwatchdog.accounting import Accounting
+from fwatchdog.config import Config
 from fwatchdog.durations import format_duration
 from fwatchdog.errors import reason
 from fwatchdog.lifecycle import LockFile, SignalRecorder, State
@@ -105,18 +114,17 @@ class Watchdog:
         self.state = State()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = HttpMetrics(self.registry)
+        self.signals = SignalRecorder(on_quit=self._dump_stacks)
         self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr,
-                               registry=self.registry)
+                               forced=self.signals.forced, registry=self.registry)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
-        self.signals = SignalRecorder()
-        self.access = accesslog.AccessLog(stderr, with_call_id=config.log_callid)
+        self._stderr = stderr
+        self.accounting = Accounting(
+            max_inflight=config.max_inflight, metrics=self.metrics,
+            access=accesslog.AccessLog(stderr, with_call_id=config.log_callid), clock=clock)
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self.limit_text = (
-            f"Concurrent request limit exceeded. Max concurrent requests: "
-            f"{config.max_inflight}\n"
-        )
-        # http mode's lean front for plain requests (see fwatchdog.modes.http_fast).
+        # The lean front for plain requests, when the mode offers it (modes.base).
         self._fast: FastFront | None = None
         self._fast_server: asyncio.AbstractServer | None = None
 
@@ -146,28 +154,12 @@ class Watchdog:
             return _plain(405)
         return _plain(200, "OK") if self.healthy() else _plain(503)
 
-    def limit_reached(self) -> bool:
-        limit = self.config.max_inflight
-        return limit > 0 and self.state.inflight >= limit
-
-    def over_limit(self) -> bool:
-        """The request just counted in ``inflight`` is one too many: answer 429."""
-        limit = self.config.max_inflight
-        return limit > 0 and self.state.inflight > limit
-
-    def record(self, method: str, uri: str, status: int, reason: str | None, size: int,
-               seconds: float, user_agent: str | None, call_id: str | None) -> None:
-        """Metrics and the access line of one finished request for the function."""
-        self.metrics.observe(method, status, seconds)
-        if accesslog.should_log(user_agent):
-            self.access.write(method, uri, status, reason, size, seconds, call_id)
-
     async def ready(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
             return _plain(405)
         if not self.healthy():
             return _plain(503)
-        if self.limit_reached():
+        if self.accounting.limit_reached():
             return _plain(429)
         if not await self.mode.ready(request):
             reason = self.mode.unready_reason()
@@ -182,10 +174,8 @@ class Watchdog:
         return _plain(200)
 
     async def function(self, request: web.Request) -> web.StreamResponse:
-        started = self.clock()
-        state = self.state
-        state.inflight += 1
-        self.metrics.in_flight.inc()
+        acct = self.accounting
+        started = acct.enter()
         resp: web.StreamResponse | None = None
         try:
             resp = await self._answer(request)
@@ -211,32 +201,29 @@ class Watchdog:
                 status, reason, size = seen.status, seen.reason, seen.get(BODY_BYTES_KEY, 0)
             else:
                 status, reason, size = 500, "Internal Server Error", 0
-            self.record(request.method, request.raw_path, status, reason, size,
-                        self.clock() - started, request.headers.get("User-Agent"),
-                        request.headers.get("X-Call-Id"))
+            acct.record(request.method, request.raw_path, status, reason, size, started,
+                        request.headers.get("User-Agent"), request.headers.get("X-Call-Id"))
             raise
         except Exception as exc:  # a mode broke its contract: answer, don't die
             self.log.info(kv("handler_error", uri=request.raw_path, error=repr(exc)))
             if resp is None or not resp.prepared:
                 resp = _plain(500, "Internal Server Error\n")
         finally:
-            state.inflight -= 1
-            self.metrics.in_flight.dec()
-        seconds = self.clock() - started
+            acct.leave()
         if resp is None:  # pragma: no cover - only on cancellation
             resp = _plain(500)
         size = resp.content_length
         if size is None:
             size = resp.get(BODY_BYTES_KEY, -1)
         headers = request.headers
-        self.record(request.method, request.raw_path, resp.status, resp.reason, size, seconds,
+        acct.record(request.method, request.raw_path, resp.status, resp.reason, size, started,
                     headers.get("User-Agent"), headers.get("X-Call-Id"))
         return resp
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
-        if self.over_limit():
+        if self.accounting.over_limit():
             # Never queued: of-watchdog's faas-middleware limiter answers at once.
-            resp = _plain(429, self.limit_text)
+            resp = _plain(429, self.accounting.limit_text)
             resp.headers["X-OpenFaaS-Internal"] = "faas-middleware"
             return resp
         limit = self.config.max_body_size
@@ -319,18 +306,18 @@ class Watchdog:
             # and dropped for this long before closing; aiohttp's 10 s lets one
             # slow client hold a connection long after its answer.
             lingering_time=LINGERING_TIME,
-            # http mode: a client that goes away cancels its handler, and with it
-            # the upstream call, as of-watchdog's request context does. The
-            # forking modes keep aiohttp's default: their DisconnectWatch kills
-            # the child and the request is still recorded with its outcome.
-            handler_cancellation=cfg.mode in (Mode.HTTP, Mode.LLM),
+            # A proxying mode (http, llm): a client that goes away cancels its
+            # handler, and with it the upstream call, as of-watchdog's request
+            # context does. The forking modes keep aiohttp's default: their
+            # DisconnectWatch kills the child and the request is still recorded.
+            handler_cancellation=self.mode.cancel_on_disconnect,
         )
         for runner, port, name in ((self._metrics_runner, cfg.metrics_port, "metrics"),
                                    (self._runner, cfg.port, "http")):
             await runner.setup()
             try:
-                if runner is self._runner and cfg.mode is Mode.HTTP:
-                    await self._listen_fast(runner, port)
+                if runner is self._runner:
+                    await self._listen_serving(runner, port)
                 else:
                     await web.TCPSite(runner, port=port, reuse_address=True).start()
             except OSError as exc:
@@ -340,15 +327,16 @@ class Watchdog:
         self.log.info(kv("listening", port=cfg.port, metrics_port=cfg.metrics_port))
         return True
 
-    async def _listen_fast(self, runner: web.AppRunner, port: int) -> None:
-        """http mode: the lean front owns the port; aiohttp's server gets what it hands over."""
-        from fwatchdog.modes.http import HttpMode
-        from fwatchdog.modes.http_fast import FastFront
-
-        if not isinstance(self.mode, HttpMode) or runner.server is None:
+    async def _listen_serving(self, runner: web.AppRunner, port: int) -> None:
+        """The serving port: the lean front when the mode offers it, else aiohttp's site."""
+        proxy = self.mode.lean_proxy()
+        if proxy is None or runner.server is None:
             await web.TCPSite(runner, port=port, reuse_address=True).start()
             return
-        self._fast = FastFront(self, self.mode, runner.server)
+        from fwatchdog.modes.http_fast import FastFront
+
+        self._fast = FastFront(self.accounting, proxy, runner.server, config=self.config,
+                               log=self.log, serving=self.state.serving)
         # Like TCPSite: every interface, SO_REUSEADDR, aiohttp's backlog.
         self._fast_server = await asyncio.get_running_loop().create_server(
             self._fast.connection, port=port, reuse_address=True, backlog=128)
@@ -378,7 +366,7 @@ class Watchdog:
                 return 1
             self.log.info(kv("shutdown", signal=self.signals.received.name, phase="starting"))
             await self._stop_everything()
-            return 0
+            return self._exit_code()
         exc = start.exception()
         if exc is not None:
             message = str(exc) if isinstance(exc, StartError) else repr(exc)
@@ -397,33 +385,66 @@ class Watchdog:
             self.log.info(kv("still_starting", mode=self.config.mode.value,
                              seconds=f"{self.clock() - began:.0f}", start_timeout=limit))
 
+    def _dump_stacks(self) -> None:
+        """SIGQUIT: every thread's stack to stderr (what a Go program prints)."""
+        self.log.info(kv("sigquit", action="stacks to stderr, then stop without draining"))
+        with contextlib.suppress(Exception):  # stderr without a file descriptor
+            faulthandler.dump_traceback(file=self._stderr, all_threads=True)
+
+    def _exit_code(self) -> int:
+        return 2 if self.signals.quit else 0
+
     async def shutdown(self) -> int:
         """SIGTERM: the drain order of the module docstring, top to bottom."""
         cfg = self.config
-        sig = self.signals.received or signal.SIGTERM
+        signals = self.signals
+        sig = signals.received or signal.SIGTERM
         # 1. unready, lock file gone
         self.state.accepting = False
         self.state.draining = True
         self.lock.remove()
         wait = cfg.healthcheck_interval
-        skip = "knative" if cfg.knative else ("sigint" if sig is signal.SIGINT else "")
-        self.log.info(kv("shutdown", signal=sig.name, inflight=self.state.inflight,
+        skip = "knative" if cfg.knative else ("forced" if signals.forced.is_set() else "")
+        self.log.info(kv("shutdown", signal=sig.name, inflight=self.accounting.inflight,
                          wait=format_duration(0 if skip else wait), skip_wait=skip or "no"))
         # 2. keep serving: the listener stays open while we wait.
-        # 3. wait for load balancers to notice; a dead function leaves nothing to serve.
+        # 3. wait for load balancers to notice; a dead function leaves nothing to
+        #    serve, and a second signal means now.
         if not skip and wait > 0:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ctx.fatal.wait(), wait)
+                await asyncio.wait_for(self._first(self.ctx.fatal, signals.forced), wait)
         # 4. + 5. stop the listener, drain in-flight requests up to write_timeout
-        self.log.info(kv("draining", inflight=self.state.inflight,
+        self.log.info(kv("draining", inflight=self.accounting.inflight,
                          timeout=format_duration(cfg.write_timeout)))
-        await self._stop_listener()
+        await self._drain()
         # 6. stop the mode: its processes ending now is expected, not an error
         await self.mode.stop()
         await self._stop_metrics()
         # 7.
-        self.log.info(kv("exit", code=0, inflight=self.state.inflight))
-        return 0
+        code = self._exit_code()
+        self.log.info(kv("exit", code=code, inflight=self.accounting.inflight,
+                         forced=signals.forced.is_set()))
+        return code
+
+    async def _drain(self) -> None:
+        """Stop the listeners and drain; a second signal cuts what is still in flight."""
+        fast = self._fast
+        runner = self._runner
+        drain = asyncio.ensure_future(self._stop_listener())
+        forced = asyncio.ensure_future(self.signals.forced.wait())
+        try:
+            await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                self.log.info(kv("shutdown_forced", inflight=self.accounting.inflight))
+                if fast is not None:
+                    for conn in list(fast.connections):
+                        conn.abort()
+                if runner is not None and runner.server is not None:
+                    for handler in runner.server.connections:
+                        handler.force_close()
+            await drain
+        finally:
+            forced.cancel()
 
     async def fail(self) -> int:
         """The function's process died while serving: exit 1 so it is restarted."""

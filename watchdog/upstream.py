@@ -3,7 +3,23 @@
 aiohttp's client is general (cookies, redirects, proxies, tracing, per-request
 timers); on loopback it costs more than the function's own answer. This client
 does only what the proxy needs: write the request head and body as given, parse
-the response head, and hand the body back whole or piece by piece.
+the response strictly, and hand the body back whole or piece by piece.
+
+Responses are parsed by ``httptools`` (llhttp, the parser of Node and uvicorn),
+never by hand. What it and this module refuse, as :class:`MalformedResponse`
+before the caller sees a status (the fronts answer 502):
+- anything llhttp refuses: a status line that is not ``HTTP/1.x NNN reason``,
+  a bare CR, NUL or another control byte in a header, obs-fold, whitespace
+  before a colon, an invalid, negative, signed or repeated ``Content-Length``,
+  ``Content-Length`` together with ``Transfer-Encoding``, a chunk size that is
+  not plain hex (``0x10``, ``-1``, ``1_0``), chunk data not ended by CRLF;
+- a version other than HTTP/1.0 and HTTP/1.1; a 101 (nothing asked to upgrade);
+- a ``Transfer-Encoding`` other than one ``chunked`` (as Go's client);
+- a header value that is not UTF-8 (the fronts re-serialise every header);
+- a head larger than ``MAX_HEAD`` bytes.
+A bare LF may end a head line (RFC 9112 section 2.2 allows it): the line is
+parsed as a line, and whatever the client receives is re-serialised with CRLF.
+A body that breaks off, or breaks its framing, raises :class:`BrokenBody`.
 
 Wire behaviour:
 - the request head is written exactly as given (header order and case kept),
@@ -13,39 +29,48 @@ Wire behaviour:
 - POST, PUT and PATCH without a body get ``Content-Length: 0``;
 - response framing: no body for HEAD, 1xx, 204 and 304; ``Transfer-Encoding:
   chunked`` decoded (trailers dropped); else ``Content-Length``; else until EOF;
-- a connection goes back to the pool only after a complete response without
-  ``Connection: close`` on HTTP/1.1 and with nothing left in its read buffer;
-  one holding bytes beyond the response (a function that over-sends, e.g. a
-  ``Content-Length`` counted in characters) is closed, at release and again
-  when taken from the pool, as Go's transport closes a connection on
-  unsolicited data: those bytes would be read as the next request's answer;
-  pooled connections idle longer than
-  ``idle_timeout`` are closed rather than reused (an upstream may be closing
-  them at the same moment);
+  interim 1xx responses (103) are skipped;
+- a connection goes back to the pool only after a complete response that
+  llhttp says may be kept alive (HTTP/1.1 without ``Connection: close``, or
+  HTTP/1.0 with ``keep-alive``); one that receives bytes beyond its response (a
+  function that over-sends, e.g. a ``Content-Length`` counted in characters, or
+  a body on a HEAD answer) or any byte while idle is closed, as Go's transport
+  closes a connection on unsolicited data: those bytes would be read as the
+  next request's answer; pooled connections idle longer than ``idle_timeout``
+  are closed rather than reused (an upstream may be closing them at the same
+  moment);
 - a reused connection that closes before any byte of the response is retried
   once on a new connection when the request can be replayed (idempotent method,
   ``bytes`` or no body): the upstream dropped an idle connection, it did not
-  see the request.
+  see the request;
+- a body the caller reads slowly is buffered up to ``PAUSE_AT`` bytes, then
+  reading from the upstream pauses until the caller catches up.
 
-Invariants: header bytes never contain CR or LF (the head is parsed by lines,
-and request headers come from aiohttp's parser); a connection whose response
+Invariants: header bytes written never contain CR or LF (request headers come
+from aiohttp's parser or the lean front's filter); a connection whose response
 was not read to the end is closed, never reused; timeouts are the caller's
-(cancellation closes the connection).
+(cancellation closes the connection); the header names and values of a
+:class:`Response` are tokens and UTF-8 text without control bytes but HTAB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable
-from typing import Any, cast
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import cast
+
+import httptools
 
 MAX_HEAD = 1 << 20  # bytes of response status line + headers
-READ_PIECE = 1 << 16
+PAUSE_AT = 1 << 18  # body bytes buffered before reading from the upstream pauses
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NEEDS_LENGTH = frozenset({"POST", "PUT", "PATCH"})
+# Control bytes other than HTAB (llhttp refuses them already; kept as a second line).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -53,6 +78,7 @@ Body = bytes | AsyncIterable[bytes] | None
 def _streamed(body: Body) -> bool:
     # Concrete types, not isinstance(AsyncIterable): the ABC check costs on every request.
     return body is not None and not isinstance(body, (bytes, bytearray, memoryview))
+
 
 class UpstreamError(Exception):
     """The upstream could not be reached or failed before a complete response head."""
@@ -62,100 +88,353 @@ class ConnectFailed(UpstreamError):
     pass
 
 
+class MalformedResponse(UpstreamError):
+    """The upstream's response head (or framing) is not one a strict proxy relays."""
+
+
+class BrokenBody(UpstreamError):
+    """The response body broke off or broke its framing after the head was read."""
+
+
 class _Stale(Exception):
     """A reused connection closed before answering."""
 
 
-class _Conn:
-    __slots__ = ("reader", "writer", "last_used", "reused")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.last_used = 0.0
-        self.reused = False
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def unsolicited(self) -> bool:
-        """True when bytes arrived that no request asked for (yet)."""
-        # StreamReader has no public way to peek at its buffer; reading would block.
-        return bool(self.reader._buffer)  # type: ignore[attr-defined]
+class _Reject(Exception):
+    """Raised inside a parser callback: the head is refused (the message is the reason)."""
 
 
-class Response:
-    """The upstream's answer; read the body once (``read`` or ``iter_chunks``)."""
+def _parser(conn: _Conn) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(conn)
+    # A bare LF may end a head line (RFC 9112 section 2.2); a bare CR may not.
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    return parser
 
-    __slots__ = ("status", "reason", "headers", "content_length", "_chunked", "_until_eof",
-                 "_remaining", "_conn", "_pool", "_keep", "_done", "_writer_task")
+
+class _Head:
+    __slots__ = ("status", "reason", "headers", "length", "chunked", "keep")
 
     def __init__(self, status: int, reason: str, headers: list[tuple[str, str]],
-                 content_length: int | None, chunked: bool, no_body: bool, keep: bool,
-                 conn: _Conn, pool: Pool, writer_task: asyncio.Task[None] | None) -> None:
+                 length: int | None, chunked: bool, keep: bool) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.content_length = None if chunked else content_length
-        self._chunked = chunked and not no_body
-        self._until_eof = not no_body and not chunked and content_length is None
-        self._remaining = 0 if no_body or chunked or content_length is None else content_length
+        self.length = length
+        self.chunked = chunked
+        self.keep = keep
+
+
+def _reason(raw: bytes) -> str:
+    """The reason phrase if it is plain printable ASCII, else "" (the fronts fill it in)."""
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text.isprintable():
+            return text
+    return ""
+
+
+def _check_head(raw_headers: list[tuple[bytes, bytes]]
+                ) -> tuple[list[tuple[str, str]], int | None, bool]:
+    """Decoded headers, Content-Length and chunked; :class:`_Reject` when not relayable."""
+    if _CTL.search(b"".join([value for _, value in raw_headers])) is not None:
+        raise _Reject("control byte in a header value")
+    headers: list[tuple[str, str]] = []
+    length: int | None = None
+    encodings: list[str] = []
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("ascii")  # llhttp admits only token characters
+        try:
+            value = raw_value.decode("utf-8").strip(" \t")
+        except UnicodeDecodeError:
+            raise _Reject(f"header {name} is not UTF-8 text") from None
+        if len(name) in (14, 17):  # len("content-length"), len("transfer-encoding")
+            low = name.lower()
+            if low == "content-length":
+                length = int(value)  # llhttp admits only digits, once
+            elif low == "transfer-encoding":
+                encodings.append(value)
+        headers.append((name, value))
+    chunked = False
+    if encodings:
+        if len(encodings) != 1 or encodings[0].lower() != "chunked":
+            raise _Reject(f"unsupported Transfer-Encoding {', '.join(encodings)!r}")
+        chunked = True
+    return headers, length, chunked
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to the upstream; feeds what arrives to llhttp.
+
+    At most one exchange at a time: :meth:`begin` starts one, the parser's
+    callbacks fill in the head and the body, :class:`Response` reads them.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = _parser(self)
+        self.last_used = 0.0
+        self.reused = False
+        self.broken = False  # unsolicited bytes, a parse error, EOF: never reuse
+        self.lost = False
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._reset(False)
+        self.expect = False
+
+    def _reset(self, head_only: bool) -> None:
+        self.expect = True  # a response is awaited
+        self.head_only = head_only
+        self.got_bytes = False
+        self.interim = False
+        self.reason_raw = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head: _Head | None = None
+        self.until_eof = False
+        self.head_waiter: asyncio.Future[None] | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: BaseException | None = None
+        self.body_waiter: asyncio.Future[None] | None = None
+
+    def begin(self, head_only: bool) -> asyncio.Future[None]:
+        self._reset(head_only)
+        waiter = self.head_waiter = self.loop.create_future()
+        return waiter
+
+    def usable(self) -> bool:
+        transport = self.transport
+        return (not self.broken and not self.lost and transport is not None
+                and not transport.is_closing())
+
+    def close(self) -> None:
+        self.broken = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- transport callbacks ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.expect or self.complete:
+            self.close()  # unsolicited: never read as the next request's answer
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            reason = str(cause) if isinstance(cause, _Reject) else repr(cause)
+            self._fail(MalformedResponse(f"malformed response: {reason}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(MalformedResponse("malformed response: an unrequested protocol switch"))
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self.close()  # bytes beyond a complete response: the answer stands
+            elif self.head is None:
+                self._fail(MalformedResponse(f"malformed response: {exc}"))
+            else:
+                self._fail(BrokenBody(f"malformed response body: {exc}"))
+        if self.head is None and self.error is None:
+            self.head_size += len(data)
+            if self.head_size > MAX_HEAD:
+                self._fail(MalformedResponse(f"response head larger than {MAX_HEAD} bytes"))
+        elif self.head_only:
+            # llhttp is not told about HEAD; it would wait for the body the
+            # head announces. The answer is complete; start afresh.
+            self.parser = _parser(self)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost decides what EOF means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.broken = True
+        self._wake_writer()
+        if not self.expect or self.complete or self.error is not None:
+            return
+        if self.head is not None and self.until_eof:
+            self.complete = True  # EOF ends a body framed by the connection's close
+            self._wake_body()
+        elif self.head is None and self.reused and not self.got_bytes:
+            self._fail(_Stale())
+        elif self.head is None:
+            self._fail(UpstreamError("upstream closed the connection before a complete "
+                                     "response head"))
+        else:
+            self._fail(BrokenBody("upstream closed the connection before the end of the body"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("upstream connection lost")
+        if self._writing_paused:
+            self._drain = self.loop.create_future()
+            await self._drain
+            if self.lost:
+                raise ConnectionResetError("upstream connection lost")
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain = self._drain, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.close()
+        waiter = self.head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._wake_body()
+
+    def _wake_body(self) -> None:
+        waiter, self.body_waiter = self.body_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def resume(self) -> None:
+        """The reader took buffered body bytes: read from the upstream again if paused."""
+        if self._reading_paused and self.buffered < PAUSE_AT // 2:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # -- llhttp callbacks -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.head is not None:
+            # A second response to one request (bytes beyond the first): the
+            # first stands, the connection is not reused.
+            self.broken = True
+
+    def on_status(self, raw: bytes) -> None:
+        if self.head is None:
+            self.reason_raw += raw
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head is None:
+            self.raw_headers.append((name, value))
+        # else: trailers, not forwarded
+
+    def on_headers_complete(self) -> None:
+        if self.head is not None:
+            return
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _Reject("101 Switching Protocols, but nothing asked to upgrade")
+            self.interim = True  # 1xx: skipped, its headers with it
+            return
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise _Reject(f"HTTP/{parser.get_http_version()} status line")
+        headers, length, chunked = _check_head(self.raw_headers)
+        no_body = self.head_only or status in (204, 304)
+        self.until_eof = not no_body and not chunked and length is None
+        self.head = _Head(status, _reason(self.reason_raw), headers,
+                          None if chunked else length, chunked and not no_body,
+                          parser.should_keep_alive() and not self.until_eof)
+        if self.head_only:
+            self.complete = True
+        waiter = self.head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete or self.head is None:
+            self.broken = True  # a body on a HEAD answer: beyond the response
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered >= PAUSE_AT and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            self.reason_raw = b""
+            self.raw_headers = []
+            return
+        if self.head is None or self.complete:
+            return
+        self.complete = True
+        self._wake_body()
+
+
+class Response:
+    """The upstream's answer; read the body once (``read`` or ``iter_chunks``).
+
+    ``content_length`` is the length the head announced (None when chunked or
+    framed by the connection's close); ``chunked`` says the upstream sent it
+    chunked. Neither is forwarded as such: the fronts frame what they relay.
+    """
+
+    __slots__ = ("status", "reason", "headers", "content_length", "chunked", "_conn",
+                 "_pool", "_keep", "_done", "_writer_task")
+
+    def __init__(self, head: _Head, conn: _Conn, pool: Pool,
+                 writer_task: asyncio.Task[None] | None) -> None:
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self.content_length = head.length
+        self.chunked = head.chunked
         self._conn: _Conn | None = conn
         self._pool = pool
-        self._keep = keep and not self._until_eof
-        self._done = no_body or (not chunked and content_length == 0)
+        self._keep = head.keep
+        self._done = False
         self._writer_task = writer_task
-        if self._done:
+        if conn.complete and not conn.chunks:
             self._finish()
 
     async def read(self) -> bytes:
         if self._done:
             return b""
-        if not self._chunked and not self._until_eof:
-            conn = self._require()
-            try:
-                data = await conn.reader.readexactly(self._remaining)
-            except BaseException:
-                self.close()
-                raise
-            self._remaining = 0
+        conn = self._require()
+        if conn.complete and conn.error is None:
+            chunks = conn.chunks
+            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            conn.buffered = 0
+            conn.resume()
             self._finish()
             return data
         return b"".join([piece async for piece in self.iter_chunks()])
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises on a short or broken body."""
+        """The body as it arrives; raises :class:`BrokenBody` on a short or broken body."""
         if self._done:
             return
         conn = self._require()
-        reader = conn.reader
+        chunks = conn.chunks
         try:
-            if self._chunked:
-                while True:
-                    line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    if size == 0:
-                        while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass  # trailers: not forwarded
-                        break
-                    while size > 0:
-                        piece = await reader.read(min(size, READ_PIECE))
-                        if not piece:
-                            raise asyncio.IncompleteReadError(b"", size)
-                        size -= len(piece)
-                        yield piece
-                    if await reader.readexactly(2) != b"\r\n":
-                        raise UpstreamError("malformed chunked body")
-            elif self._until_eof:
-                while piece := await reader.read(READ_PIECE):
+            while True:
+                while chunks:
+                    piece = chunks.popleft()
+                    conn.buffered -= len(piece)
+                    conn.resume()
                     yield piece
-            else:
-                while self._remaining > 0:
-                    piece = await reader.read(min(self._remaining, READ_PIECE))
-                    if not piece:
-                        raise asyncio.IncompleteReadError(b"", self._remaining)
-                    self._remaining -= len(piece)
-                    yield piece
+                if conn.error is not None:
+                    raise conn.error
+                if conn.complete:
+                    break
+                waiter = conn.body_waiter = conn.loop.create_future()
+                await waiter
         except BaseException:
             self.close()
             raise
@@ -171,13 +450,14 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        conn.expect = False
         task = self._writer_task
         if task is not None and not task.done():
             # The upstream answered before taking the whole body: the connection
             # is mid-request, so it cannot be reused.
             task.cancel()
             conn.close()
-        elif self._keep:
+        elif self._keep and conn.usable():
             self._pool._release(conn)
         else:
             conn.close()
@@ -207,31 +487,30 @@ class Pool:
         self._closed = False
 
     async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
         try:
             if self.unix_path is not None:
-                reader, writer = await asyncio.open_unix_connection(self.unix_path,
-                                                                    limit=MAX_HEAD)
+                _, conn = await loop.create_unix_connection(_Conn, self.unix_path)
             else:
-                reader, writer = await asyncio.open_connection(self.host, self.port,
-                                                               limit=MAX_HEAD, ssl=self.tls)
+                _, conn = await loop.create_connection(_Conn, self.host, self.port,
+                                                       ssl=self.tls)
         except OSError as exc:
             where = self.unix_path or f"{self.host}:{self.port}"
             raise ConnectFailed(f"cannot connect to {where}: {exc}") from exc
-        return _Conn(reader, writer)
+        return conn
 
     def _acquire_idle(self) -> _Conn | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # most recently used: least likely to be stale
-            if now - conn.last_used < self.idle_timeout and not conn.writer.is_closing() \
-                    and not conn.reader.at_eof() and not conn.unsolicited():
+            if now - conn.last_used < self.idle_timeout and conn.usable():
                 conn.reused = True
                 return conn
             conn.close()
         return None
 
     def _release(self, conn: _Conn) -> None:
-        if self._closed or conn.writer.is_closing() or conn.unsolicited():
+        if self._closed or not conn.usable():
             conn.close()
             return
         conn.last_used = time.monotonic()
@@ -270,16 +549,31 @@ class Pool:
 
     async def _exchange(self, conn: _Conn, method: str, head: bytes, body: Body) -> Response:
         writer_task: asyncio.Task[None] | None = None
+        transport = conn.transport
+        assert transport is not None
+        waiter = conn.begin(method == "HEAD")
         try:
+            if conn.lost:  # closed by the upstream since it was pooled
+                raise _Stale() if conn.reused else UpstreamError("upstream connection lost")
             if _streamed(body):
-                conn.writer.write(head)
+                transport.write(head)
                 writer_task = asyncio.ensure_future(
-                    _write_chunked(conn.writer, cast(AsyncIterable[bytes], body)))
+                    _write_chunked(conn, cast(AsyncIterable[bytes], body)))
+                await _race(waiter, writer_task)
             else:
                 # One syscall either way; writelines spares copying a large body.
                 data = cast("bytes | None", body)
-                conn.writer.writelines((head, data) if data else (head,))
-            return await self._read_head(conn, method, writer_task)
+                transport.writelines((head, data) if data else (head,))
+                await waiter
+            if conn.error is not None:
+                if conn.head is not None and not isinstance(conn.error, _Stale):
+                    # The body broke its framing in what arrived with the head:
+                    # nothing has reached the client yet, so it is a malformed
+                    # response (502), not a cut one.
+                    raise MalformedResponse(str(conn.error)) from None
+                raise conn.error
+            assert conn.head is not None
+            return Response(conn.head, conn, self, writer_task)
         except BaseException:
             conn.close()
             if writer_task is not None:
@@ -292,87 +586,27 @@ class Pool:
                     raise failure from None
             raise
 
-    async def _read_head(self, conn: _Conn, method: str,
-                         writer_task: asyncio.Task[None] | None) -> Response:
-        while True:
-            if writer_task is None:
-                raw = await self._read_until_head(conn)
-            else:
-                raw = await _race(self._read_until_head(conn), writer_task)
-            status_line, _, rest = raw.partition(b"\r\n")
-            parts = status_line.split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise UpstreamError(f"malformed status line {status_line[:80]!r}")
-            try:
-                status = int(parts[1])
-            except ValueError:
-                raise UpstreamError(f"malformed status line {status_line[:80]!r}") from None
-            if 100 <= status < 200 and status != 101:
-                continue  # interim response (e.g. 103): not forwarded
-            break
-        reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        close = parts[0] == b"HTTP/1.0"
-        for line in rest[:-4].split(b"\r\n") if rest else ():
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            key = name.strip().decode("latin-1")
-            text = value.strip().decode("utf-8", "replace")
-            low = key.lower()
-            if low == "content-length":
-                try:
-                    length = int(text)
-                except ValueError:
-                    raise UpstreamError(f"malformed Content-Length {text!r}") from None
-            elif low == "transfer-encoding":
-                chunked = "chunked" in text.lower()
-            elif low == "connection":
-                tokens = text.lower()
-                close = "close" in tokens or (close and "keep-alive" not in tokens)
-            headers.append((key, text))
-        no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        return Response(status, reason, headers, length, chunked, no_body, not close, conn,
-                        self, writer_task)
 
-    async def _read_until_head(self, conn: _Conn) -> bytes:
-        try:
-            return await conn.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if conn.reused and not exc.partial:
-                raise _Stale() from None
-            raise UpstreamError("upstream closed the connection before a complete "
-                                "response head") from None
-        except asyncio.LimitOverrunError:
-            raise UpstreamError(f"response head larger than {MAX_HEAD} bytes") from None
-        except ConnectionError as exc:
-            if conn.reused:
-                raise _Stale() from None
-            raise UpstreamError(f"connection to the upstream broke: {exc}") from None
-
-
-async def _race(read: Coroutine[Any, Any, bytes], writer_task: asyncio.Task[None]) -> bytes:
-    """Read the head while the body is written; a failed body write wins."""
-    reading = asyncio.ensure_future(read)
-    done, _ = await asyncio.wait({reading, writer_task}, return_when=asyncio.FIRST_COMPLETED)
-    if reading in done:
-        return reading.result()
+async def _race(waiter: asyncio.Future[None], writer_task: asyncio.Task[None]) -> None:
+    """Wait for the head while the body is written; a failed body write wins."""
+    done, _ = await asyncio.wait({waiter, writer_task}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter in done:
+        return
     exc = writer_task.exception()
     if exc is not None:
-        reading.cancel()
         raise exc
-    return await reading
+    await waiter
 
 
-async def _write_chunked(writer: asyncio.StreamWriter, body: AsyncIterable[bytes]) -> None:
+async def _write_chunked(conn: _Conn, body: AsyncIterable[bytes]) -> None:
+    transport = conn.transport
+    assert transport is not None
     async for piece in body:
         if piece:
-            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
-            await writer.drain()
-    writer.write(b"0\r\n\r\n")
-    await writer.drain()
+            transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await conn.drain()
+    transport.write(b"0\r\n\r\n")
+    await conn.drain()
 
 
 def _head(method: str, target: str, headers: Iterable[tuple[str, str]], body: Body) -> bytes:
@@ -391,3 +625,4 @@ def _head(method: str, target: str, headers: Iterable[tuple[str, str]], body: Bo
         lines.append(f"Content-Length: {len(cast(bytes, body)) if body else 0}\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+

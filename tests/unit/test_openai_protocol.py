@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 FUNCTION = Path(__file__).resolve().parents[2] / "templates" / "python3-llm" / "function"
 PACKAGE = "python3_llm_function"
@@ -469,3 +471,29 @@ def test_the_tracers_default_samples_are_answered_not_rejected() -> None:
                                       headers=sample.headers, query=sample.query)
         res = server.handle(event, CONTEXT)
         assert res["statusCode"] == 200, res["body"]
+
+
+# ------------------------------------------------------------ incremental decoding
+
+
+class ByteTokenizer:
+    """Byte-level ids (0-255) decoded like SentencePiece: one leading space dropped."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+        return text[1:] if text.startswith(" ") else text
+
+
+@given(st.lists(st.one_of(st.integers(0, 255),
+                          st.sampled_from(list(" aé€😀".encode())),
+                          st.just(300)),  # a special token, skipped
+                max_size=40))
+def test_incremental_decoding_gives_the_full_decode_at_every_step(tokens: list[int]) -> None:
+    tokenizer = ByteTokenizer()
+    decoder = generation.IncrementalDecoder(tokenizer)
+    committed = ""
+    for n, token in enumerate(tokens, 1):
+        new, pending = decoder.push(token)
+        committed += new
+        assert committed + pending == tokenizer.decode(tokens[:n])
+        assert not new.endswith("\ufffd")  # a partial character is never committed

@@ -34,3 +34,28 @@ def test_signal_recorder_only_records():
             recorder.uninstall(loop)
 
     assert asyncio.run(scenario()) is signal.SIGTERM
+
+
+def test_a_second_signal_forces_and_sigquit_quits():
+    async def scenario() -> tuple[bool, bool, bool, bool, signal.Signals | None]:
+        quits: list[bool] = []
+        recorder = SignalRecorder(on_quit=lambda: quits.append(True))
+        loop = asyncio.get_running_loop()
+        recorder.install(loop)
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.wait_for(recorder.event.wait(), 5)
+            first_forced = recorder.forced.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(recorder.forced.wait(), 5)
+            before_quit = recorder.quit
+            os.kill(os.getpid(), signal.SIGQUIT)
+            for _ in range(500):
+                if quits:
+                    break
+                await asyncio.sleep(0.01)
+            return first_forced, before_quit, recorder.quit, bool(quits), recorder.received
+        finally:
+            recorder.uninstall(loop)
+
+    assert asyncio.run(scenario()) == (False, False, True, True, signal.SIGHUP)

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from fwatchdog.upstream import Pool, UpstreamError
+from fwatchdog.upstream import PAUSE_AT, BrokenBody, MalformedResponse, Pool, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -150,7 +150,7 @@ def test_truncated_body_raises_and_head_errors_are_upstream_errors():
         server, port, _ = await _serve(short)
         pool = Pool("127.0.0.1", port)
         resp = await pool.request("GET", "/", [("Host", "h")])
-        with pytest.raises(asyncio.IncompleteReadError):
+        with pytest.raises(BrokenBody):
             await resp.read()
         server.close()
         server, port, _ = await _serve(garbage)
@@ -257,12 +257,90 @@ def test_idle_connection_that_received_unsolicited_bytes_is_not_reused():
         idle = pool._idle[0]
         extra.set()
         deadline = asyncio.get_running_loop().time() + 5
-        while not idle.reader._buffer:  # poll: the unsolicited bytes reach the reader
+        while idle.usable():  # poll: the unsolicited bytes reach the connection
             assert asyncio.get_running_loop().time() < deadline, "no unsolicited bytes"
             await asyncio.sleep(0.01)
         second = await pool.request("GET", "/", [("Host", "h")])
         assert (second.status, await second.read()) == (200, b"second")
         assert len(conns) == 2
+        pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_head_answer_then_reuse_of_the_same_connection():
+    # llhttp is not told that a request was HEAD: the pool must still read the
+    # next answer on that connection as a new response.
+    async def handler(reader, writer):
+        while True:
+            try:
+                request = await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if request.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nget")
+
+    async def main():
+        server, port, conns = await _serve(handler)
+        pool = Pool("127.0.0.1", port, idle_timeout=30)
+        head = await pool.request("HEAD", "/", [("Host", "h")])
+        assert (head.status, head.content_length, await head.read()) == (200, 5, b"")
+        for _ in range(2):
+            resp = await pool.request("GET", "/", [("Host", "h")])
+            assert await resp.read() == b"get"
+        assert len(conns) == 1
+        pool.close()
+        server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+])
+def test_malformed_responses_raise_before_a_status_is_seen(raw):
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    async def main():
+        server, port, _ = await _serve(handler)
+        with pytest.raises(MalformedResponse):
+            await Pool("127.0.0.1", port).request("GET", "/", [("Host", "h")])
+        server.close()
+
+    run(main())
+
+
+def test_a_slowly_read_large_body_arrives_whole_over_a_unix_socket(tmp_path):
+    size = 8 * PAUSE_AT + 123
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
+        await writer.drain()
+
+    async def main():
+        path = str(tmp_path / "up.sock")
+        server = await asyncio.start_unix_server(handler, path)
+        pool = Pool("unused", 0, unix_path=path)
+        resp = await pool.request("GET", "/", [("Host", "h")])
+        got = bytearray()
+        async for piece in resp.iter_chunks():
+            got += piece
+            await asyncio.sleep(0)  # a reader slower than the socket: reading pauses
+        assert bytes(got) == body
         pool.close()
         server.close()
 

@@ -34,9 +34,9 @@ def free_port() -> int:
 class Running:
     """One server in a background thread with its own event loop."""
 
-    def __init__(self, handle: Callable[..., Any]) -> None:
+    def __init__(self, handle: Callable[..., Any], **config: Any) -> None:
         self.port = free_port()
-        self.config = hs.Config(port=self.port, hostname="fn-host")
+        self.config = hs.Config(port=self.port, hostname="fn-host", **config)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -80,8 +80,8 @@ class Running:
 def serve() -> Iterator[Callable[[Callable[..., Any]], Running]]:
     started: list[Running] = []
 
-    def start(handle: Callable[..., Any]) -> Running:
-        server = Running(handle)
+    def start(handle: Callable[..., Any], **config: Any) -> Running:
+        server = Running(handle, **config)
         started.append(server)
         return server
 
@@ -208,6 +208,30 @@ def test_sse_framing_when_the_handler_says_so(serve) -> None:
     assert body == b"data: x\n\n"
 
 
+def test_sse_lines_split_only_where_sse_ends_a_line(serve) -> None:
+    # U+2028 and other Unicode line breaks are text inside one data: line.
+    server = serve(lambda e, c: iter(["a\u2028b\x85c\x1cd", "x\r\ny\rz\n"]))
+    _, _, body = server.request(headers={"Accept": "text/event-stream"})
+    assert body == ("data: a\u2028b\x85c\x1cd\n\n"
+                    "data: x\ndata: y\ndata: z\ndata: \n\n").encode()
+
+
+def test_a_body_over_the_limit_is_413_in_openai_s_error_format(serve) -> None:
+    server = serve(lambda e, c: {"body": {"length": len(e.body)}}, max_body_size=10)
+    assert server.request("POST", body=b"x" * 10)[0] == 200
+    status, headers, body = server.request("POST", body=b"x" * 11)
+    assert status == 413 and headers["content-type"].startswith("application/json")
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+    assert "11 bytes" in error["message"]
+    # Without a Content-Length (chunked), the limit holds as the body is read.
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"b\r\nxxxxxxxxxxx\r\n0\r\n\r\n")
+        assert read_until(sock, b"\r\n").startswith(b"HTTP/1.1 413 ")
+
+
 def test_each_item_is_flushed_while_the_loop_stays_free(serve) -> None:
     release = threading.Event()
 
@@ -321,6 +345,8 @@ def test_a_disconnect_during_handle_sets_cancelled_and_closes_its_result(serve) 
 def test_config_defaults_match_python3_http() -> None:
     config = hs.Config.from_env({})
     assert (config.host, config.port) == ("127.0.0.1", 5000)
+    assert config.max_body_size == 16 << 20
+    assert hs.Config.from_env({"http_max_body_size": "0"}).max_body_size == 0  # no limit
 
 
 def test_config_reads_http_port_and_rejects_bad_values() -> None:

@@ -17,6 +17,10 @@ python3-http does:
   Content-Type is ``text/event-stream``, or when the handler set no Content-Type and
   the client's Accept contains ``text/event-stream``.
 
+Request bodies are bounded by ``http_max_body_size`` bytes (default 16 MiB, 0:
+no limit): a larger one is answered 413 with OpenAI's error JSON before
+``handle`` runs, and the connection is closed (the rest is not read).
+
 Invariants:
 - The event loop never runs function code: a sync ``handle`` and every ``next()`` of
   a sync iterator run in a worker thread, so health checks and other requests are
@@ -38,8 +42,10 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
@@ -51,6 +57,7 @@ from aiohttp import web
 LOG = logging.getLogger("handler_server")
 
 _END = object()  # returned by _next_item when the iterator is exhausted
+_SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,13 @@ class Config:
     threads: int = 32
     shutdown_timeout: float = 60.0
     hostname: str = "localhost"
+    max_body_size: int = 16 << 20  # bytes; 0: no limit
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
         """``http_port`` (as node templates name it; python3-http hard-codes 5000),
-        ``http_host``, ``http_threads``, ``http_shutdown_timeout``, ``HOSTNAME``."""
+        ``http_host``, ``http_threads``, ``http_shutdown_timeout``,
+        ``http_max_body_size`` (bytes), ``HOSTNAME``."""
         errors = []
 
         def number(name: str, default: float, kind: type) -> Any:
@@ -83,6 +92,7 @@ class Config:
         port = number("http_port", cls.port, int)
         threads = number("http_threads", cls.threads, int)
         shutdown = number("http_shutdown_timeout", cls.shutdown_timeout, float)
+        max_body = number("http_max_body_size", cls.max_body_size, int)
         if errors:
             raise ValueError("bad configuration: " + ", ".join(errors))
         return cls(
@@ -90,6 +100,7 @@ class Config:
             port=port,
             threads=max(1, threads),
             shutdown_timeout=shutdown,
+            max_body_size=max_body,
             hostname=env.get("HOSTNAME") or socket.gethostname() or cls.hostname,
         )
 
@@ -158,8 +169,10 @@ def _sse_frame(item: Any) -> bytes:
         data = bytes(item).decode("utf-8", "replace")
     else:
         data = str(item)
-    # A multi-line payload is several data: lines of one event, per the SSE spec.
-    lines = data.splitlines() or [""]
+    # A multi-line payload is several data: lines of one event, per the SSE spec,
+    # split where SSE ends a line (CRLF, LF, CR), never at U+2028 and other Unicode
+    # line breaks, which str.splitlines also splits on.
+    lines = _SSE_LINE_BREAK.split(data)
     return ("".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
@@ -182,7 +195,7 @@ class HandlerServer:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3)
+        app = web.Application(client_max_size=self._config.max_body_size or sys.maxsize)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_cleanup.append(self._shutdown_executor)
         return app
@@ -190,8 +203,25 @@ class HandlerServer:
     async def _shutdown_executor(self, _app: web.Application) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _too_large(self, size: int | None) -> web.Response:
+        limit = self._config.max_body_size
+        what = f"of {size} bytes " if size is not None else ""
+        error = {"error": {
+            "message": f"Request body {what}is larger than the limit of {limit} bytes "
+                       "(http_max_body_size)",
+            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+        response = web.json_response(error, status=413)
+        response.force_close()  # the rest of the body is not read
+        return response
+
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        limit = self._config.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            return self._too_large(request.content_length)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(None)
         event = Event(body, request.headers, request.method, request.query, request.path)
         context = Context(self._config.hostname)
         started = time.monotonic()

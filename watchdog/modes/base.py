@@ -16,6 +16,35 @@ Invariants:
   collects it first (see ``fwatchdog.reaper``).
 - A mode that streams a response of unknown length may store the number of
   body bytes it wrote under ``response[BODY_BYTES_KEY]`` for the access log.
+
+The lean front as a capability. The server owns the serving port; by default
+every request goes through aiohttp's web layer to :meth:`ModeHandler.handle`.
+A mode whose requests are proxied to HTTP upstreams may also return a
+:class:`LeanProxy` from :meth:`ModeHandler.lean_proxy`; the server then puts
+the lean protocol-level front (:mod:`fwatchdog.modes.http_fast`) on the port,
+and that front proxies *plain* requests itself (see its docstring for which)
+through the capability, handing every other connection to aiohttp and so to
+``handle``. What the capability is:
+
+- ``acquire()``: an async function that picks the upstream for one request and
+  returns a :class:`Lease`: the :class:`~fwatchdog.upstream.Pool` to send it
+  through (TCP or a Unix socket) and ``release(outcome)``, called exactly once
+  when the request is over, with ``outcome`` one of :data:`OUTCOMES`. It may
+  wait (for a handler process to become ready, say): the front runs it under
+  the request's deadline (``exec_timeout``, shortened by ``X-Timeout``), so a
+  wait that outlasts it is a 504. It raises :class:`Unavailable` when no
+  upstream can take the request (503).
+- ``limit_for(x_timeout_header)``: the request's time limit in seconds (0: none).
+- ``target_for(raw_target)``: the upstream request target for the client's
+  origin-form target.
+- ``upstream_failed_status``: the answer when the upstream fails before its
+  response head (500 by default, as of-watchdog's http mode).
+The front applies the same relay rules as the aiohttp path
+(:mod:`fwatchdog.relay`) and counts every request through the server's
+:class:`~fwatchdog.accounting.Accounting`, so a mode offering the capability
+keeps one behaviour on both paths. A mode whose ``handle`` should be cancelled
+when the client goes away (a proxy: the upstream call stops) sets
+:attr:`ModeHandler.cancel_on_disconnect`.
 """
 
 from __future__ import annotations
@@ -24,13 +53,17 @@ import abc
 import asyncio
 import importlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TextIO
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fwatchdog.config import Config, Mode
+
+if TYPE_CHECKING:
+    from fwatchdog.upstream import Pool
 
 # StreamResponse supports item assignment for per-response state; aiohttp 3.12+
 # wants a typed ResponseKey (a plain string warns), older versions take a string.
@@ -46,6 +79,35 @@ class StartError(Exception):
     """The mode cannot start serving (bad static_path, upstream never came up, ...)."""
 
 
+class Unavailable(Exception):
+    """No upstream can take the request now: the front answers 503 with this message."""
+
+
+# How a proxied request ended, as reported to Lease.release.
+Outcome = Literal["ok", "error", "timeout", "client_gone"]
+OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "timeout", "client_gone")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request's upstream: send through ``pool``, then call ``release(outcome)`` once."""
+
+    pool: Pool
+    release: Callable[[Outcome], None]
+
+
+@dataclass(frozen=True)
+class LeanProxy:
+    """What a mode offers the lean front (see the module docstring)."""
+
+    acquire: Callable[[], Awaitable[Lease]]
+    limit_for: Callable[[str | None], float]
+    target_for: Callable[[str], str]
+    # The answer when the upstream fails before its head: of-watchdog's 500 in
+    # http mode; a mode whose upstreams are its own processes may say 502.
+    upstream_failed_status: int = 500
+
+
 @dataclass(frozen=True)
 class ModeContext:
     config: Config
@@ -57,13 +119,23 @@ class ModeContext:
     fatal: asyncio.Event = field(default_factory=asyncio.Event)
     # Pids of children the mode waits on itself; the reaper leaves them alone.
     children: set[int] = field(default_factory=set)
+    # Set when the shutdown is cut short (a second SIGTERM, SIGQUIT): stop()
+    # then ends the mode's processes without waiting out their grace.
+    forced: asyncio.Event = field(default_factory=asyncio.Event)
     # The watchdog's metrics registry, for a mode's own metrics (mode=llm).
     registry: CollectorRegistry | None = None
 
 
 class ModeHandler(abc.ABC):
+    # True: the server cancels handle() when its client goes away.
+    cancel_on_disconnect: ClassVar[bool] = False
+
     def __init__(self, ctx: ModeContext) -> None:
         self.ctx = ctx
+
+    def lean_proxy(self) -> LeanProxy | None:
+        """The lean front capability, or None (every request goes to :meth:`handle`)."""
+        return None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare to serve; see the module invariants."""

@@ -10,11 +10,17 @@ started" and the watchdog exits non-zero.
 
 Requests: ``upstream_url`` + the request URI (path and raw query, unchanged),
 headers copied except hop-by-hop ones (Host kept, see
-:mod:`fwatchdog.proxyheaders`), status, headers and body copied back, plus
-``X-Duration-Seconds`` (time to the upstream's response headers).
+:mod:`fwatchdog.proxyheaders`); the response is parsed strictly
+(:mod:`fwatchdog.upstream`) and relayed by the rules of :mod:`fwatchdog.relay`
+(status, headers less hop-by-hop and framing, the body framed by the
+watchdog, plus ``X-Duration-Seconds``, the time to the upstream's response
+headers).
 - cannot connect / upstream fails before answering: 500 with
   ``X-OpenFaaS-Internal: of-watchdog`` (502 for streamed requests, where
   of-watchdog answers an empty 200);
+- a malformed response (invalid or conflicting framing, a bad header line, an
+  unsupported Transfer-Encoding): 502, same header, before any byte reaches
+  the client;
 - ``exec_timeout`` (shortened, never lengthened, by ``X-Timeout``) reached
   before the response is complete: 504, same header; for a response already
   being streamed the connection is cut so the client sees it truncated;
@@ -30,18 +36,24 @@ WebSocket upgrade are streamed through, each chunk (or message) forwarded as it
 arrives. Other responses up to 1 MiB with a known length are read whole and
 written at once (one write, the common case); larger ones are streamed too.
 
-The process: if it exits, ``ctx.fatal`` is set and the server exits non-zero,
-unless the server is shutting down. :meth:`stop` forwards SIGTERM, waits, then
-kills.
+The process leads its own process group (as the forking modes' children do),
+so an ``sh -c`` wrapper and the workers a function forks are stopped with it:
+if it exits, ``ctx.fatal`` is set and the server exits non-zero, unless the
+server is shutting down. :meth:`stop` sends SIGTERM to the whole group, waits
+up to ``min(STOP_GRACE, write_timeout)`` for every member to exit, then sends
+SIGKILL to whatever is left of the group.
 
 Requests travel over :class:`fwatchdog.upstream.Pool`, a lean keep-alive
 HTTP/1.1 client (aiohttp's general client cost more than the function's own
 answer on loopback); WebSocket upgrades go through one aiohttp session.
 
-Plain requests never reach :meth:`HttpMode.handle`: the server's lean front
-(:mod:`fwatchdog.modes.http_fast`) proxies them itself through :attr:`pool`,
-:meth:`limit_for` and :meth:`target_for`, and hands everything else to the
-aiohttp server, which calls :meth:`handle`.
+Plain requests never reach :meth:`HttpMode.handle`: the mode offers the lean
+front capability (:meth:`lean_proxy`, see :mod:`fwatchdog.modes.base`), the
+server's lean front (:mod:`fwatchdog.modes.http_fast`) proxies them itself
+through it, and hands everything else to the aiohttp server, which calls
+:meth:`handle`. Another mode that proxies (mode=llm) reuses this class's
+aiohttp path through :meth:`forward` (one given pool) or :meth:`proxy` (an
+``acquire`` function, as the capability's).
 
 Invariants: one pool for the mode's life (connections to the upstream are
 reused); nothing decompresses or re-encodes a body; the
@@ -54,16 +66,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from fwatchdog.durations import format_duration, parse_duration
@@ -73,21 +87,33 @@ from fwatchdog.logs import kv
 from fwatchdog.modes.base import (
     BODY_BYTES_KEY,
     STARTED_RESPONSE_KEY,
+    LeanProxy,
+    Lease,
     ModeContext,
     ModeHandler,
+    Outcome,
     StartError,
+    Unavailable,
 )
-from fwatchdog.proxyheaders import to_client, to_upstream, wants_stream
-from fwatchdog.upstream import Body, Pool, Response, UpstreamError
+from fwatchdog.proxyheaders import to_upstream, wants_stream
+from fwatchdog.relay import (
+    INTERNAL,
+    WHOLE_REQUEST_LIMIT,
+    WHOLE_RESPONSE_LIMIT,
+    Plan,
+    phrase,
+    plan,
+)
+from fwatchdog.upstream import Body, MalformedResponse, Pool, Response, UpstreamError
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout_at
 else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
     from async_timeout import timeout_at
 
-INTERNAL = "X-OpenFaaS-Internal"
-WHOLE_RESPONSE_LIMIT = 1 << 20  # read whole: known length up to this; stream above
-WHOLE_REQUEST_LIMIT = 256 << 10  # read whole: known length up to this; stream above
+__all__ = ["INTERNAL", "WHOLE_REQUEST_LIMIT", "WHOLE_RESPONSE_LIMIT", "HttpMode"]
+
+_RELAY_ERRORS = (UpstreamError, OSError, asyncio.IncompleteReadError)
 STOP_GRACE = 10.0  # at most this long between SIGTERM and SIGKILL for the function
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 # WebSocket handshake headers the client library writes itself.
@@ -122,13 +148,51 @@ class _BodyError(Exception):
 
 
 def _internal(status: int, started: float, text: str = "") -> web.Response:
-    resp = web.Response(status=status, text=text or reason(status))
+    # _Verbatim: no Server header, as on the lean front (one answer on both paths).
+    resp = _Verbatim(status=status, text=text or reason(status))
     resp.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
     resp.headers[INTERNAL] = "of-watchdog"
     return resp
 
 
+def _noop(outcome: Outcome) -> None:
+    pass
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal every process of a group; False when none is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a member changed user
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of the group runs (zombies waiting to be reaped do not count)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - no procfs: ask the kernel instead
+        return _signal_group(pgid, 0)
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
+
+
 class HttpMode(ModeHandler):
+    cancel_on_disconnect = True  # a client that leaves cancels its upstream call
     # The answer when the function fails before its response head: of-watchdog's 500.
     upstream_failed_status = 500
 
@@ -149,6 +213,7 @@ class HttpMode(ModeHandler):
         self._prefix = parts.path.rstrip("/")
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         self._pool: Pool | None = None
+        self._lease: Lease | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._pumps: list[asyncio.Task[None]] = []
@@ -166,6 +231,8 @@ class HttpMode(ModeHandler):
             proc = await asyncio.create_subprocess_exec(
                 *cfg.fprocess, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                # Its own process group: stop() reaches a wrapper's children too.
+                start_new_session=True,
             )
         except OSError as exc:
             raise StartError(f"upstream never started: cannot run fprocess "
@@ -183,6 +250,7 @@ class HttpMode(ModeHandler):
         # Idle connections are dropped after 1 s: shorter than common upstream
         # idle timeouts (gunicorn 2 s), so a pooled one is rarely being closed.
         self._pool = Pool(self._host, self._port, idle_timeout=1.0, tls=self._tls)
+        self._lease = Lease(self._pool, _noop)
         # WebSockets only: the upgrade handshake and frames are aiohttp's job.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
@@ -233,18 +301,8 @@ class HttpMode(ModeHandler):
     async def stop(self) -> None:
         self._stopping = True
         proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            grace = min(STOP_GRACE, self.ctx.config.write_timeout)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._wait_exit()), grace)
-            except asyncio.TimeoutError:
-                self.ctx.log.info(kv("function_killed", pid=proc.pid,
-                                     reason=f"no exit {grace:g}s after SIGTERM"))
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await self._wait_exit()
+        if proc is not None:
+            await self._stop_group(proc)
         if self._pumps:
             # A grandchild holding the pipes open must not hold up the exit.
             _, pending = await asyncio.wait(self._pumps, timeout=1.0)
@@ -256,6 +314,35 @@ class HttpMode(ModeHandler):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def _stop_group(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM to the function's group, then SIGKILL to whatever outlives the grace."""
+        loop = asyncio.get_running_loop()
+        grace = min(STOP_GRACE, self.ctx.config.write_timeout)
+        deadline = loop.time() + grace
+        pgid = proc.pid  # start_new_session: the function leads its group
+        if not _signal_group(pgid, signal.SIGTERM) and proc.returncode is not None:
+            return  # nobody left in the group
+        forced = self.ctx.forced
+        exited = asyncio.ensure_future(self._wait_exit())
+        hurry = asyncio.ensure_future(forced.wait())
+        try:
+            await asyncio.wait({exited, hurry}, timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            exited.cancel()
+        # The leader is gone (or out of time); its group may not be (an sh -c
+        # wrapper exits at once while the function it started shuts down).
+        delay = 0.01
+        while not forced.is_set() and _group_alive(pgid) and loop.time() < deadline:
+            await asyncio.sleep(delay)  # polling the kernel: no event says "group empty"
+            delay = min(delay * 2, 0.1)
+        if proc.returncode is None or _group_alive(pgid):
+            why = "shutdown cut short" if forced.is_set() else f"no exit {grace:g}s after SIGTERM"
+            self.ctx.log.info(kv("function_killed", pid=proc.pid, reason=why))
+            _signal_group(pgid, signal.SIGKILL)
+            await self._wait_exit()
 
     async def _wait_exit(self) -> None:
         if self._exited is not None:
@@ -269,6 +356,20 @@ class HttpMode(ModeHandler):
     def pool(self) -> Pool | None:
         """The keep-alive pool to the function; None until :meth:`start`."""
         return self._pool
+
+    def lean_proxy(self) -> LeanProxy | None:
+        if type(self).handle is not HttpMode.handle:
+            # A subclass that answers through its own handle (mode=llm) would be
+            # bypassed by the lean front: it offers its own capability, or none.
+            return None
+        return LeanProxy(acquire=self._acquire, limit_for=self.limit_for,
+                         target_for=self.target_for,
+                         upstream_failed_status=self.upstream_failed_status)
+
+    async def _acquire(self) -> Lease:
+        if self._lease is None:
+            raise Unavailable("function not started")
+        return self._lease
 
     def _limit_for(self, request: web.Request) -> float:
         return self.limit_for(request.headers.get("X-Timeout"))
@@ -300,19 +401,44 @@ class HttpMode(ModeHandler):
         return self._prefix + raw
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        return await self.forward(request, self._pool)
+        return await self.proxy(request, self._acquire)
 
     async def forward(self, request: web.Request, pool: Pool | None) -> web.StreamResponse:
         """Proxy one request to the upstream behind ``pool`` (mode=llm passes a handler's)."""
+        if pool is None:
+            return _internal(503, time.perf_counter(), "function not started")
+        lease = Lease(pool, _noop)
+
+        async def acquire() -> Lease:
+            return lease
+
+        return await self.proxy(request, acquire)
+
+    async def proxy(self, request: web.Request,
+                    acquire: Callable[[], Awaitable[Lease]]) -> web.StreamResponse:
+        """Proxy one request to the upstream ``acquire`` picks, under the request's
+        deadline; the lease is released once with the outcome (see ``modes.base``)."""
+        holder: list[Lease] = []
+        outcome: Outcome = "error"
+        try:
+            outcome, resp = await self._proxy(request, acquire, holder)
+            return resp
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            raise
+        finally:
+            if holder:
+                holder[0].release(outcome)
+
+    async def _proxy(self, request: web.Request, acquire: Callable[[], Awaitable[Lease]],
+                     holder: list[Lease]) -> tuple[Outcome, web.StreamResponse]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        if pool is None:
-            return _internal(503, started, "function not started")
         headers = request.headers
         upgrade = headers.get("Upgrade", "")
         stream = wants_stream(headers.get("Accept", ""), upgrade)
         if stream and upgrade.lower() == "websocket":
-            return await self._websocket(request, started)
+            return "ok", await self._websocket(request, started)
         seconds = self._limit_for(request)
         deadline = loop.time() + seconds if seconds else None
         out_headers = to_upstream(headers.items())
@@ -327,28 +453,35 @@ class HttpMode(ModeHandler):
                 try:
                     data = await self._read_whole(request, read_deadline)
                 except _BodyError as exc:
-                    return self._body_error(exc, started)
+                    return "error", self._body_error(exc, started)
             else:
                 data = self._body_chunks(request, read_deadline)
         try:
             async with timeout_at(deadline):
-                upstream = await pool.request(request.method, self._target(request),
-                                              out_headers, data)
-                if not stream and upstream.content_length is not None \
-                        and upstream.content_length <= WHOLE_RESPONSE_LIMIT:
+                lease = await acquire()
+                holder.append(lease)
+                upstream = await lease.pool.request(request.method, self._target(request),
+                                                    out_headers, data)
+                relay = plan(request.method, upstream, started, stream)
+                if relay.empty or relay.whole:
                     # The common case, read under the same deadline: one timer, not two.
-                    return await self._relay_whole(request, upstream, started)
+                    return await self._relay_whole(request, upstream, relay, started)
         except _BodyError as exc:
-            return self._body_error(exc, started)
+            return "error", self._body_error(exc, started)
         except asyncio.TimeoutError:
             self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
                                  exec_timeout=format_duration(seconds)))
-            return _internal(504, started, timeout_reason(seconds))
-        except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
+            return "timeout", _internal(504, started, timeout_reason(seconds))
+        except Unavailable as exc:
+            return "error", _internal(503, started, f"{exc}\n")
+        except MalformedResponse as exc:
+            self.ctx.log.info(kv("upstream_malformed", uri=request.raw_path, error=str(exc)))
+            return "error", _internal(502, started)
+        except _RELAY_ERRORS as exc:
             self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
-            return _internal(502 if stream else self.upstream_failed_status, started)
+            return "error", _internal(502 if stream else self.upstream_failed_status, started)
         try:
-            return await self._relay(request, upstream, started, stream, seconds, deadline)
+            return await self._relay(request, upstream, relay, deadline)
         finally:
             upstream.close()  # no-op once the body was read to the end
 
@@ -384,46 +517,37 @@ class HttpMode(ModeHandler):
         resp.force_close()  # the rest of the body is not worth reading
         return resp
 
-    async def _relay_whole(self, request: web.Request, upstream: Response,
-                           started: float) -> web.StreamResponse:
-        """A known, small length: read it all (the caller holds the deadline), write once."""
-        headers = to_client(upstream.headers)
-        headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
+    async def _relay_whole(self, request: web.Request, upstream: Response, relay: Plan,
+                           started: float) -> tuple[Outcome, web.StreamResponse]:
+        """No body, or a known, small length: read it all (the caller holds the
+        deadline), write once."""
         try:
-            body = await upstream.read()
-        except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
+            body = b"" if relay.empty else await upstream.read()
+        except _RELAY_ERRORS as exc:
             # Nothing sent yet: an honest error beats a short body.
-            self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
+            self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=str(exc)))
             upstream.close()
-            return _internal(502, started)
-        return _Verbatim(status=upstream.status, reason=upstream.reason, headers=headers,
-                         body=body or None)
+            return "error", _internal(502, started)
+        headers = CIMultiDict(relay.headers)
+        if relay.empty and relay.length is not None:
+            headers["Content-Length"] = str(relay.length)  # HEAD and 304: as announced
+        return "ok", _Verbatim(status=upstream.status, reason=phrase(upstream.status,
+                                                                     upstream.reason),
+                               headers=headers, body=body or None)
 
-    async def _relay(self, request: web.Request, upstream: Response, started: float,
-                     stream: bool, seconds: float, deadline: float | None) -> web.StreamResponse:
-        headers = to_client(upstream.headers)
-        headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:f}"
-        length = upstream.content_length
-        no_body = request.method == "HEAD" or upstream.status in (204, 304)
-        if no_body or (not stream and length is not None and length <= WHOLE_RESPONSE_LIMIT):
-            try:
-                async with timeout_at(deadline):
-                    body = b"" if no_body else await upstream.read()
-            except asyncio.TimeoutError:
-                self.ctx.log.info(kv("upstream_timeout", uri=request.raw_path,
-                                     exec_timeout=format_duration(seconds)))
-                return _internal(504, started, timeout_reason(seconds))
-            except (UpstreamError, OSError, asyncio.IncompleteReadError) as exc:
-                # Nothing sent yet: an honest error beats a short body.
-                self.ctx.log.info(kv("upstream_error", uri=request.raw_path, error=repr(exc)))
-                return _internal(502, started)
-            return _Verbatim(status=upstream.status, reason=upstream.reason,
-                             headers=headers, body=body or None)
-        out = _VerbatimStream(status=upstream.status, reason=upstream.reason, headers=headers)
+    async def _relay(self, request: web.Request, upstream: Response, relay: Plan,
+                     deadline: float | None) -> tuple[Outcome, web.StreamResponse]:
+        """Relay the body as it arrives; a failure cuts the connection (headers are out)."""
+        out = _VerbatimStream(status=upstream.status,
+                              reason=phrase(upstream.status, upstream.reason),
+                              headers=CIMultiDict(relay.headers))
+        if relay.length is not None:
+            out.content_length = relay.length
         await out.prepare(request)
         request[STARTED_RESPONSE_KEY] = out
         sent = 0
         out[BODY_BYTES_KEY] = 0
+        outcome: Outcome = "ok"
         try:
             async with timeout_at(deadline):
                 async for chunk in upstream.iter_chunks():
@@ -431,22 +555,22 @@ class HttpMode(ModeHandler):
                     sent += len(chunk)
                     out[BODY_BYTES_KEY] = sent
             await out.write_eof()
-        except (UpstreamError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                ValueError) as exc:
+        except (*_RELAY_ERRORS, asyncio.TimeoutError, ValueError) as exc:
             if not (isinstance(exc, ConnectionResetError) and request.transport is None):
                 self.ctx.log.info(kv("upstream_cut", uri=request.raw_path, sent=sent,
                                      error=repr(exc)))
             upstream.close()
+            outcome = "error"
             # Headers are out: cut the connection so the client sees the truncation,
             # after a last event saying why when the mode has one for this stream.
-            tail = self.stream_error_event(headers.get("Content-Type", ""))
+            tail = self.stream_error_event(out.headers.get("Content-Type", ""))
             if tail is not None and request.transport is not None:
                 with contextlib.suppress(Exception):
                     await out.write(tail)
             if request.transport is not None:
                 request.transport.close()
         out[BODY_BYTES_KEY] = sent
-        return out
+        return outcome, out
 
     # -- websockets --------------------------------------------------------
 

@@ -1,12 +1,14 @@
-"""mode=http's lean front: plain requests proxied at the protocol level.
+"""The lean front: plain requests proxied at the protocol level.
 
 aiohttp's web layer (router, middlewares, Request and StreamResponse objects,
 header multidicts) costs several times what a small function spends answering.
-In http mode this front owns the serving port instead. Each connection is a
-:class:`FastConnection` (an :class:`asyncio.Protocol`) that reads request heads
-itself and proxies *plain* requests through http mode's keep-alive
-:class:`~fwatchdog.upstream.Pool`, writing the function's response back as
-bytes. Anything else is handed over to the aiohttp server, which then owns the
+For a mode that offers the lean front capability (http mode does; see
+:class:`~fwatchdog.modes.base.LeanProxy`) this front owns the serving port
+instead. Each connection is a :class:`FastConnection` (an
+:class:`asyncio.Protocol`) that reads request heads itself and proxies *plain*
+requests through the keep-alive :class:`~fwatchdog.upstream.Pool` that the
+mode's ``acquire`` hands out (TCP, or a Unix socket), writing the function's
+response back as bytes. Anything else is handed over to the aiohttp server, which then owns the
 connection for the rest of its life, so every unusual case keeps exactly one
 implementation.
 
@@ -30,14 +32,20 @@ parser such as httptools reports neither), and aiohttp's llhttp parser decides
 everything it does not accept.
 
 Per plain request the front does what the aiohttp path does, through the same
-code: ``Watchdog.over_limit`` (429), ``Watchdog.record`` (metrics, access
-log), ``HttpMode.limit_for`` (``exec_timeout``, ``X-Timeout``),
-``proxyheaders`` (hop-by-hop headers), ``Pool.request`` (keep-alive reuse and
-its replay rule). Responses with a known length up to ``WHOLE_RESPONSE_LIMIT``
-are read whole and written at once (502 if the function breaks off mid-body);
-others (chunked, larger, until-EOF) are relayed piece by piece as they arrive,
-chunked towards the client when the length is unknown, and a failure then cuts
-the connection so the client sees the truncation.
+code: the server's :class:`~fwatchdog.accounting.Accounting` (in flight, 429,
+metrics, access log), the mode's :class:`~fwatchdog.modes.base.LeanProxy`
+(``acquire`` picks the upstream and its :class:`~fwatchdog.upstream.Pool`,
+``limit_for`` gives ``exec_timeout`` shortened by ``X-Timeout``, ``target_for``
+the upstream target), ``proxyheaders`` (hop-by-hop headers) and
+:mod:`fwatchdog.relay` (the response's status, headers and framing, and the
+serializer of its head). Responses with a known length up to
+``WHOLE_RESPONSE_LIMIT`` are read whole and written at once (502 if the
+function breaks off mid-body); others (chunked, larger, until-EOF) are relayed
+piece by piece as they arrive, chunked towards the client when the length is
+unknown, and a failure then cuts the connection so the client sees the
+truncation. The front knows no mode and no server: it is built from the
+accounting, the capability, aiohttp's server to hand over to, the
+configuration, a logger and the "mode has started" event.
 
 Connection states::
 
@@ -73,37 +81,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import re
 import socket
 import sys
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from aiohttp import web
 
+from fwatchdog.accounting import Accounting
+from fwatchdog.config import Config
 from fwatchdog.durations import format_duration
 from fwatchdog.errors import reason, timeout_reason
 from fwatchdog.logs import kv
-from fwatchdog.modes.http import WHOLE_REQUEST_LIMIT, WHOLE_RESPONSE_LIMIT, HttpMode
-from fwatchdog.proxyheaders import to_client_pairs, to_upstream
-from fwatchdog.upstream import Response, UpstreamError
+from fwatchdog.modes.base import LeanProxy, Lease, Outcome, Unavailable
+from fwatchdog.proxyheaders import to_upstream
+from fwatchdog.relay import INTERNAL, WHOLE_REQUEST_LIMIT, Plan, phrase, plan, serialize_head
+from fwatchdog.upstream import MalformedResponse, Response, UpstreamError
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout_at
 else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
     from async_timeout import timeout_at
 
-if TYPE_CHECKING:
-    from fwatchdog.server import Watchdog
-
 # Heads larger than this go to aiohttp, whose limits (64 KiB lines) then apply.
 MAX_FAST_HEAD = 8190
 MAX_FAST_HEADERS = 100
 # Pipelined bytes buffered while a request is served before reading pauses.
 PAUSE_READING_AT = 1 << 20
-INTERNAL = "X-OpenFaaS-Internal"
 FAST_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _TARGET = re.compile(r"/[!-~]*")  # origin-form, printable ASCII only
 _FIELD = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
@@ -205,15 +212,6 @@ class _Clock:
         return self._value
 
 
-def _phrase(status: int, reason: str) -> str:
-    if reason:
-        return reason
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
 class _Expiry:
     """A deadline for the current task: at ``deadline`` it is cancelled, once."""
 
@@ -244,16 +242,19 @@ class _Expiry:
 class FastFront:
     """The protocol factory for the serving port, and what its connections share."""
 
-    def __init__(self, watchdog: Watchdog, mode: HttpMode, fallback: web.Server) -> None:
-        self.wd = watchdog
-        self.mode = mode
+    def __init__(self, accounting: Accounting, proxy: LeanProxy, fallback: web.Server, *,
+                 config: Config, log: logging.Logger, serving: asyncio.Event) -> None:
+        self.acct = accounting
+        self.proxy = proxy
         self.fallback = fallback
+        self.log = log
+        self.serving = serving  # set once the mode has started: before, everything is handed over
         self.loop = asyncio.get_running_loop()
         self.clock = _Clock()
         self.connections: set[FastConnection] = set()
         self.closing = False
         self._gone: asyncio.Event | None = None
-        cfg = watchdog.config
+        cfg = config
         self.idle_timeout = cfg.read_limit  # None: read_timeout=0, idle for ever
         self.body_limit = min(WHOLE_REQUEST_LIMIT, cfg.max_body_size or WHOLE_REQUEST_LIMIT)
 
@@ -298,6 +299,7 @@ class FastConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         # (status, reason, body bytes sent) once a streamed response's head is out.
         self._streaming: tuple[int, str, int] | None = None
+        self._lease: Lease | None = None  # the current request's upstream
 
     # -- transport callbacks ------------------------------------------------
 
@@ -401,7 +403,7 @@ class FastConnection(asyncio.Protocol):
             return
         front = self.front
         req = parse_head(bytes(buf[:end]), front.body_limit)
-        if req is None or not front.wd.state.serving.is_set():
+        if req is None or not front.serving.is_set():
             self._hand_over()
             return
         start = end + 4
@@ -472,69 +474,47 @@ class FastConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _plain(self, status: int, text: str, headers: list[tuple[str, str]],
-               keep_alive: bool) -> tuple[int, str, int]:
+               keep_alive: bool, head: bool = False) -> tuple[int, str, int]:
         body = text.encode()
-        lines = [f"HTTP/1.1 {status} {_phrase(status, '')}\r\n"]
         if body:
-            lines.append("Content-Type: text/plain; charset=utf-8\r\n")
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        lines.append(f"Content-Length: {len(body)}\r\nDate: {self.front.clock.date()}\r\n")
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        self._write("".join(lines).encode() + body)
-        return status, _phrase(status, ""), len(body)
+            headers = [("Content-Type", "text/plain; charset=utf-8"), *headers]
+        # An empty answer to HEAD carries no Content-Length, as aiohttp writes it.
+        length = None if head and not body else len(body)
+        self._write(serialize_head(status, "", headers, date=self.front.clock.date(),
+                                   length=length, chunked=False, keep_alive=keep_alive)
+                    + (b"" if head else body))
+        return status, phrase(status), len(body)
 
     def _internal(self, status: int, started: float, keep_alive: bool,
-                  text: str = "") -> tuple[int, str, int]:
-        return self._plain(status, text or reason(status), [("X-Duration-Seconds",
-                                         f"{time.perf_counter() - started:f}"),
-                                        (INTERNAL, "of-watchdog")], keep_alive)
+                  text: str = "", head: bool = False) -> tuple[int, str, int]:
+        return self._plain(status, text or reason(status),
+                           [("X-Duration-Seconds", f"{time.perf_counter() - started:f}"),
+                            (INTERNAL, "of-watchdog")], keep_alive, head)
 
-    def _head(self, upstream: Response, duration: str, length: int | None, chunked: bool,
+    def _head(self, upstream: Response, plan: Plan, length: int | None, chunked: bool,
               keep_alive: bool) -> bytes:
-        """The response head: the function's headers less hop-by-hop ones, plus ours."""
-        reason = _phrase(upstream.status, upstream.reason)
-        lines = [f"HTTP/1.1 {upstream.status} {reason}\r\n"]
-        has_date = False
-        for key, value in to_client_pairs(upstream.headers):
-            low = key.lower()
-            if low == "content-length":
-                continue  # written below from what is actually sent
-            if low == "date":
-                has_date = True
-            lines.append(f"{key}: {value}\r\n")
-        lines.append(f"X-Duration-Seconds: {duration}\r\n")
-        if not has_date:
-            lines.append(f"Date: {self.front.clock.date()}\r\n")
-        if length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
-        elif chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+        """The response head, by the relay rules (:mod:`fwatchdog.relay`)."""
+        return serialize_head(upstream.status, upstream.reason, plan.headers,
+                              date=None if plan.has_date else self.front.clock.date(),
+                              length=length, chunked=chunked, keep_alive=keep_alive)
 
     # -- one request --------------------------------------------------------
 
     async def _serve(self, req: PlainRequest, body: bytes | None) -> None:
-        wd = self.front.wd
-        started = wd.clock()
-        state = wd.state
+        front = self.front
+        acct = front.acct
+        started = acct.enter()
         keep_alive = req.keep_alive
         self._streaming = None
-        state.inflight += 1
-        wd.metrics.in_flight.inc()
         try:
-            if wd.over_limit():
+            if acct.over_limit():
                 # Never queued: of-watchdog's faas-middleware limiter answers at once.
-                status, reason, size = self._plain(429, wd.limit_text,
+                status, reason, size = self._plain(429, acct.limit_text,
                                                    [(INTERNAL, "faas-middleware")], keep_alive)
             else:
                 status, reason, size, keep_alive = await self._relay(req, body)
         except Exception as exc:  # a bug here must answer, not leave the client hanging
-            wd.log.info(kv("handler_error", uri=req.target, error=repr(exc)))
+            front.log.info(kv("handler_error", uri=req.target, error=repr(exc)))
             status, reason, size = 500, "Internal Server Error", -1
             if self.transport is not None:
                 self.transport.close()
@@ -543,19 +523,18 @@ class FastConnection(asyncio.Protocol):
             # The client went away (or shutdown cut the connection): still counted
             # and logged, as the forking modes record a disconnect, then cancelled.
             # A stream whose status line went out is recorded with that status.
-            wd.log.info(kv("client_gone", uri=req.target))
+            front.log.info(kv("client_gone", uri=req.target))
             if self._streaming is not None:
                 status, reason, size = self._streaming
             else:
                 status, reason, size = 500, "Internal Server Error", 0
-            wd.record(req.method, req.target, status, reason, size,
-                      wd.clock() - started, req.user_agent, req.call_id)
+            acct.record(req.method, req.target, status, reason, size, started,
+                        req.user_agent, req.call_id)
             raise
         finally:
-            state.inflight -= 1
-            wd.metrics.in_flight.dec()
-        wd.record(req.method, req.target, status, reason, size, wd.clock() - started,
-                  req.user_agent, req.call_id)
+            acct.leave()
+        acct.record(req.method, req.target, status, reason, size, started, req.user_agent,
+                    req.call_id)
         if keep_alive and self._writing_paused:
             # The client is not reading its answers: serve no further pipelined
             # request until this one has drained, or their responses would pile
@@ -568,35 +547,45 @@ class FastConnection(asyncio.Protocol):
     async def _relay(self, req: PlainRequest,
                      body: bytes | None) -> tuple[int, str, int, bool]:
         """Proxy one request; (status, reason, body bytes, keep-alive) for the record."""
-        mode = self.front.mode
-        log = self.front.wd.log
+        outcome: Outcome = "error"
+        self._lease = None
+        try:
+            outcome, result = await self._exchange(req, body, self.front.proxy)
+            return result
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            raise
+        finally:
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                lease.release(outcome)
+
+    async def _exchange(self, req: PlainRequest, body: bytes | None, proxy: LeanProxy
+                        ) -> tuple[Outcome, tuple[int, str, int, bool]]:
+        log = self.front.log
         keep = req.keep_alive
+        head = req.method == "HEAD"
         started = time.perf_counter()
-        pool = mode.pool
-        if pool is None:  # pragma: no cover - the front serves only once started
-            return (*self._plain(503, "function not started", [], keep), keep)
-        seconds = mode.limit_for(req.x_timeout)
+        seconds = proxy.limit_for(req.x_timeout)
         deadline = self.loop.time() + seconds if seconds else None
         # asyncio.timeout_at costs several µs per use; one timer that cancels this
         # task does the same job for the common, whole response.
         expiry = _Expiry(self.loop, self._task, deadline)
         try:
             try:
-                upstream = await pool.request(req.method, mode.target_for(req.target),
-                                              to_upstream(req.headers), body)
-                duration = f"{time.perf_counter() - started:f}"
-                status = upstream.status
-                length = upstream.content_length
-                no_body = req.method == "HEAD" or status in (204, 304) or status < 200
-                if no_body or (length is not None and length <= WHOLE_RESPONSE_LIMIT):
+                lease = self._lease = await proxy.acquire()
+                upstream = await lease.pool.request(req.method, proxy.target_for(req.target),
+                                                    to_upstream(req.headers), body)
+                relay = plan(req.method, upstream, started, False)
+                if relay.empty or relay.whole:
                     try:
-                        data = b"" if no_body else await upstream.read()
+                        data = b"" if relay.empty else await upstream.read()
                     except _RELAY_ERRORS as exc:
                         # Nothing sent yet: an honest error beats a short body.
-                        log.info(kv("upstream_error", uri=req.target, error=repr(exc)))
+                        log.info(kv("upstream_error", uri=req.target, error=str(exc)))
                         upstream.close()
-                        return (*self._internal(502, started, keep), keep)
-                    return (*self._whole(upstream, duration, data, no_body, keep), keep)
+                        return "error", (*self._internal(502, started, keep, head=head), keep)
+                    return "ok", (*self._whole(upstream, relay, data, keep), keep)
             except asyncio.CancelledError:
                 if not expiry.expired():
                     raise
@@ -605,41 +594,50 @@ class FastConnection(asyncio.Protocol):
                 expiry.cancel()
         except asyncio.TimeoutError:
             log.info(kv("upstream_timeout", uri=req.target, exec_timeout=format_duration(seconds)))
-            return (*self._internal(504, started, keep, timeout_reason(seconds)), keep)
+            return "timeout", (*self._internal(504, started, keep, timeout_reason(seconds),
+                                               head), keep)
+        except Unavailable as exc:
+            return "error", (*self._internal(503, started, keep, f"{exc}\n", head), keep)
+        except MalformedResponse as exc:
+            log.info(kv("upstream_malformed", uri=req.target, error=str(exc)))
+            return "error", (*self._internal(502, started, keep, head=head), keep)
         except _RELAY_ERRORS as exc:
             log.info(kv("upstream_error", uri=req.target, error=str(exc)))
-            return (*self._internal(500, started, keep), keep)
+            return "error", (*self._internal(proxy.upstream_failed_status, started, keep,
+                                             head=head), keep)
         try:
-            return await self._stream(req, upstream, duration, deadline)
+            ok, result = await self._stream(req, upstream, relay, deadline)
         finally:
             upstream.close()  # no-op once the body was read to the end
+        return ("ok" if ok else "error"), result
 
-    def _whole(self, upstream: Response, duration: str, data: bytes, no_body: bool,
+    def _whole(self, upstream: Response, relay: Plan, data: bytes,
                keep_alive: bool) -> tuple[int, str, int]:
         status = upstream.status
-        if no_body:
-            # HEAD and 304 keep the length the function announced; 1xx and 204 have none.
-            length = upstream.content_length if status not in (204,) and status >= 200 else None
-            self._write(self._head(upstream, duration, length, False, keep_alive))
-            size = length or 0
+        if relay.empty:
+            self._write(self._head(upstream, relay, relay.length, False, keep_alive))
+            size = relay.length or 0
         else:
-            head = self._head(upstream, duration, len(data), False, keep_alive)
+            head = self._head(upstream, relay, len(data), False, keep_alive)
             self._write(head + data if len(data) < 65536 else head)
             if len(data) >= 65536:
                 self._write(data)
             size = len(data)
-        return status, _phrase(status, upstream.reason), size
+        return status, phrase(status, upstream.reason), size
 
-    async def _stream(self, req: PlainRequest, upstream: Response, duration: str,
-                      deadline: float | None) -> tuple[int, str, int, bool]:
-        """Relay the body as it arrives; a failure cuts the connection (headers are out)."""
-        length = upstream.content_length
+    async def _stream(self, req: PlainRequest, upstream: Response, relay: Plan,
+                      deadline: float | None) -> tuple[bool, tuple[int, str, int, bool]]:
+        """Relay the body as it arrives; a failure cuts the connection (headers are out).
+
+        (whether it went through, (status, reason, body bytes, keep-alive))."""
+        length = relay.length
         chunked = length is None
         keep = req.keep_alive
-        self._write(self._head(upstream, duration, length, chunked, keep))
-        reason = _phrase(upstream.status, upstream.reason)
+        self._write(self._head(upstream, relay, length, chunked, keep))
+        reason = phrase(upstream.status, upstream.reason)
         self._streaming = (upstream.status, reason, 0)
         sent = 0
+        ok = True
         try:
             async with timeout_at(deadline):
                 async for piece in upstream.iter_chunks():
@@ -652,11 +650,11 @@ class FastConnection(asyncio.Protocol):
         except (*_RELAY_ERRORS, asyncio.TimeoutError, ValueError) as exc:
             client_gone = self.transport is None or self.transport.is_closing()
             if not (isinstance(exc, ConnectionResetError) and client_gone):
-                self.front.wd.log.info(kv("upstream_cut", uri=req.target, sent=sent,
-                                          error=repr(exc)))
+                self.front.log.info(kv("upstream_cut", uri=req.target, sent=sent,
+                                       error=repr(exc)))
             upstream.close()
             if self.transport is not None:
                 self.transport.close()
-            keep = False
+            keep = ok = False
         size = length if length is not None else sent
-        return upstream.status, _phrase(upstream.status, upstream.reason), size, keep
+        return ok, (upstream.status, reason, size, keep)

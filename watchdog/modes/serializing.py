@@ -16,6 +16,9 @@ exec_timeout reached               500 (as of-watchdog, whose context kill surfa
                                    ``signal: killed``); *fix* the body names the
                                    timeout and the whole process group is killed
 body over ``max_body_size``        *ours* 413 before any process starts
+body not in within ``read_timeout``  *ours* 408 before any process starts (a
+                                   half-sent body never holds its
+                                   ``max_inflight`` slot for ever)
 ``X-Timeout`` header               *ours* may shorten exec_timeout (as http mode)
 error bodies                       *fix* ``text/plain`` (of-watchdog labels its error
                                    text with ``content_type``)
@@ -86,10 +89,14 @@ class SerializingMode(ForkingMode):
         started = time.monotonic()
         config = self.ctx.config
         timeout = effective_timeout(config.exec_timeout, request.headers.get("X-Timeout"))
+        read_limit = config.read_limit or 0.0
+        # The body is bounded by read_timeout (408) and by the request's own limit (500).
+        body_limit = min((t for t in (timeout, read_limit) if t > 0), default=0.0)
         try:
             env = environment_for(request, self._base_env)
-            if timeout > 0:
-                body = await asyncio.wait_for(read_body(request, config.max_body_size), timeout)
+            if body_limit > 0:
+                body = await asyncio.wait_for(read_body(request, config.max_body_size),
+                                              body_limit)
             else:
                 body = await read_body(request, config.max_body_size)
         except UnsafeEnvironment as exc:
@@ -101,6 +108,10 @@ class SerializingMode(ForkingMode):
             too_large.force_close()
             return _stamp(too_large, started)
         except asyncio.TimeoutError:
+            if read_limit and body_limit == read_limit:
+                late = error_response(408, "request body not received within read_timeout")
+                late.force_close()  # the rest of the body is not worth reading
+                return _stamp(late, started)
             return _stamp(error_response(
                 500, f"exec_timeout of {format_duration(timeout)} exceeded reading the body"
             ), started)

@@ -18,6 +18,10 @@ child fails after output started      *fix* response aborted: the client sees an
                                       cleanly, hiding the failure)
 exec_timeout before any output        *fix* 500 naming the timeout (of-watchdog: 200)
 exec_timeout after output started     response aborted, as a failure
+body not in within ``read_timeout``   *ours* 408 and the group killed (before any
+                                      output; after, the response is aborted), so
+                                      a half-sent body never holds its
+                                      ``max_inflight`` slot for ever
 client goes away                      child's process group killed
 ``X-Timeout`` header                  *ours* may shorten exec_timeout (as http mode)
 ====================================  ==============================================
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from aiohttp import web
 
@@ -52,18 +57,26 @@ from fwatchdog.process import (
     spawn,
 )
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout_at
+else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
+    from async_timeout import timeout_at
+
 
 class _Relay:
     """One request's copy loops; keeps what ``handle`` needs after a timeout."""
 
-    def __init__(self, request: web.Request, child: Child, content_type: str) -> None:
+    def __init__(self, request: web.Request, child: Child, content_type: str,
+                 read_deadline: float | None = None) -> None:
         self.request = request
+        self.read_deadline = read_deadline  # loop time by which the body must be in
         self.child = child
         self.content_type = content_type
         self.response: web.StreamResponse | None = None  # the streamed answer, once chosen
         self.result: web.StreamResponse | None = None
         self.failure: str | None = None  # why the function failed, if it did
         self.body_error: BaseException | None = None
+        self.body_late = False  # the body did not arrive within read_timeout
         self.feeder: asyncio.Future[None] | None = None
 
     @property
@@ -71,11 +84,20 @@ class _Relay:
         """True once the status line may have gone out: no other answer is possible."""
         return self.response is not None and self.response.prepared
 
+    async def _read(self) -> bytes:
+        async with timeout_at(self.read_deadline):
+            return await self.request.content.readany()
+
     async def _feed(self) -> None:
+        read = self.request.content.readany if self.read_deadline is None else self._read
         try:
-            await self.child.feed(self.request.content.readany)
+            await self.child.feed(read)
         except asyncio.CancelledError:
             raise
+        except asyncio.TimeoutError:
+            self.body_late = True
+            self.body_error = TimeoutError("request body not received within read_timeout")
+            self.child.kill()
         except Exception as exc:  # a broken or truncated request body
             self.body_error = exc
             self.child.kill()
@@ -86,7 +108,10 @@ class _Relay:
         first = await stdout.read(CHUNK_SIZE)
         if not first:
             returncode = await self.child.reap()
-            if self.body_error is not None:
+            if self.body_late:
+                self.result = error_response(408, str(self.body_error))
+                self.result.force_close()  # the rest of the body is not worth reading
+            elif self.body_error is not None:
                 self.result = error_response(
                     400, f"cannot read the request body: {self.body_error}")
             elif returncode != 0:
@@ -142,7 +167,9 @@ class StreamingMode(ForkingMode):
             log_event(log, logging.ERROR, "function_start_failed", mode="streaming", error=str(exc))
             return error_response(500, str(exc))
         self._children.add(child)
-        relay = _Relay(request, child, config.content_type)
+        limit = config.read_limit
+        read_deadline = asyncio.get_running_loop().time() + limit if limit is not None else None
+        relay = _Relay(request, child, config.content_type, read_deadline)
         watch = DisconnectWatch(request, child.kill)
         try:
             if timeout > 0:

@@ -13,6 +13,10 @@ Invariants:
   no global RNG state is read or changed.
 - Stop text never reaches the output: text that could be the start of a stop
   sequence is held back until it is known not to be.
+- The completion is decoded incrementally (:class:`IncrementalDecoder`): each
+  step decodes a window of the last few tokens, not the whole completion, so a
+  long answer costs linear, not quadratic, decoding time. The text it yields is
+  what decoding the whole completion at each step would give.
 """
 
 from __future__ import annotations
@@ -38,6 +42,45 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+
+class IncrementalDecoder:
+    """The decoded text of a growing list of tokens, one window at a time.
+
+    The window starts at the token that began the last committed text, so
+    whatever a tokenizer does at the start of a decode (SentencePiece drops a
+    leading space) happens to text that is already committed, and the new text
+    is the difference of two decodes of a few tokens. Text ending in U+FFFD (a
+    character whose bytes are not all there yet) stays pending until the next
+    token completes it.
+
+    :meth:`push` returns ``(committed, pending)``: text to append for good, and
+    the uncommitted tail after it. The committed texts so far plus the latest
+    pending text are the decode of every token pushed.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: the first token of the last committed text
+        self._read = 0  # tokens up to here are committed
+        self._chars = 0  # characters committed
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token: int) -> tuple[str, str]:
+        ids = self._ids
+        ids.append(token)
+        before = self._decode(ids[self._prefix:self._read])
+        now = self._decode(ids[self._prefix:])
+        # A tokenizer whose window decode is not a prefix: decode it all, this once.
+        new = now[len(before):] if now.startswith(before) else self._decode(ids)[self._chars:]
+        if new and not new.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(ids)
+            self._chars += len(new)
+            return new, ""
+        return "", new
 
 
 class Generation:
@@ -114,6 +157,9 @@ class Generation:
         cache = DynamicCache()
         cache_kwarg = _cache_kwarg(model)
         generated: list[int] = []
+        decoder = IncrementalDecoder(self._tokenizer)
+        committed = ""  # grows by appending: linear overall
+        text = ""  # the decoded completion: committed + the pending tail
         emitted = 0  # characters of the decoded completion already yielded
         matched_stop = False
         started = time.monotonic()
@@ -132,7 +178,9 @@ class Generation:
                 generated.append(token)
                 self.completion_tokens = len(generated)
                 next_input = torch.tensor([[token]], device=device)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                new, pending = decoder.push(token)
+                committed += new
+                text = committed + pending if pending else committed
                 cut = _find_stop(text, params.stop, emitted)
                 if cut is not None:
                     self.finish_reason = "stop"
@@ -147,11 +195,9 @@ class Generation:
                     emitted = safe
             else:
                 self.finish_reason = "length"
-            if not matched_stop:
-                # Flush what was held back (a would-be stop prefix, a partial character).
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                if len(text) > emitted:
-                    yield text[emitted:]
+            # Flush what was held back (a would-be stop prefix, a partial character).
+            if not matched_stop and len(text) > emitted:
+                yield text[emitted:]
         except Exception as exc:  # the model failed (out of memory, a bad kernel)
             error = exc
             raise
