@@ -57,7 +57,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -94,6 +96,27 @@ class MalformedResponse(UpstreamError):
 
 class BrokenBody(UpstreamError):
     """The response body broke off or broke its framing after the head was read."""
+
+
+def _peer_gone(conn: _Conn) -> bool:
+    """Ask the kernel, not the event loop, whether a pooled connection's peer has closed
+    (a process killed a moment ago): the loop may not have read that end yet."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return True
+    try:
+        probe = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read: alive and idle
+    except OSError:
+        return True
+    finally:
+        probe.close()
 
 
 class _Stale(Exception):
@@ -524,6 +547,9 @@ class Pool:
         made. mode=llm calls this before relaying, so a handler that died a moment ago
         costs a retry on another handler instead of a failed request."""
         conn = self._acquire_idle()
+        if conn is not None and _peer_gone(conn):
+            conn.close()
+            conn = None
         if conn is None:
             conn = await self._connect()
         self._release(conn)
