@@ -387,10 +387,14 @@ def test_idle_release_keeps_ready_and_a_request_wakes_it(
     wait_until(lambda: len(titled(wd, "fwatchdog: handler ready")) == 2, timeout=START,
                what="a serving handler and a spare")
     before = get_json(wd, "/generate")
+    assert "memfd:fwatchdog-template" in Path(f"/proc/{before['pid']}/maps").read_text()
     wd.wait_output("event=gpu_released", timeout=30)
-    # The handlers let go of the weights but stay, with their warm state.
+    # The handlers let go of the weights but stay, with their warm state; no view of
+    # the holder's buffer is left mapped in them (one would keep all of it alive).
     kept = titled(wd, "fwatchdog: handler released")
     assert len(kept) == 2 and before["pid"] in kept
+    for pid in kept:
+        assert "memfd:fwatchdog-template" not in Path(f"/proc/{pid}/maps").read_text()
     assert titled(wd, "fwatchdog: holder released")
     assert http_status(wd.url + "/_/ready") == 200  # it can answer: a request wakes it
     after = get_json(wd, "/generate")

@@ -39,6 +39,7 @@ import socket
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -106,32 +107,82 @@ class Weights:
     def __init__(self, source: Any, shared: list[Any]) -> None:
         self.source = source
         self.shared = shared
+        self.extra: list[tuple[weakref.ref[Any], Any]] = []  # other views found on release
 
     def release(self) -> int:
-        """Point every served tensor at a one-element placeholder of its shape, then
-        drop the mapping and the holder connection: the holder may free the buffer."""
+        """Point every tensor that views the buffer at a one-element placeholder of its
+        shape, then drop the mapping and the holder connection, so the holder may free
+        the buffer. Served tensors are known from the restore; any other live tensor
+        that views the buffer (an attribute that kept a second reference, a cache) is
+        found by scanning the heap, since one forgotten view keeps the whole mapping.
+        RuntimeError when such a view cannot be re-pointed later: the handler is then
+        retired instead of claiming memory it still holds."""
+        import gc
+
         import torch
 
-        moved = 0
+        lo, hi = self._range()
         placeholders: dict[tuple[Any, Any], Any] = {}
-        for item in self.shared:
-            obj = item.tensor()
-            if obj is None:
-                continue
+
+        def park(obj: Any) -> None:
             key = (obj.dtype, obj.device)
             if key not in placeholders:
                 placeholders[key] = torch.zeros(1, dtype=obj.dtype, device=obj.device)
             obj.data = placeholders[key].expand(obj.shape)
-            moved += 1
+
+        moved = 0
+        for item in self.shared:
+            obj = item.tensor()
+            if obj is not None:
+                park(obj)
+                moved += 1
+        by_offset = {offset: name for name, offset in self.source.info.offsets.items()}
+        entries = {e.name: e for e in self._entries()}
+        self.extra = []
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor):
+                continue
+            try:
+                ptr = obj.data_ptr()
+            except RuntimeError:  # meta or sparse tensors have no data pointer
+                continue
+            if not lo <= ptr < hi or obj.numel() == 0:
+                continue
+            name = by_offset.get(ptr - lo)
+            entry = entries.get(name) if name is not None else None
+            if entry is None or tuple(entry.shape) != tuple(obj.shape):
+                raise RuntimeError(f"a tensor of shape {tuple(obj.shape)} views the buffer "
+                                   f"at offset {ptr - lo} and is not one of its tensors")
+            park(obj)
+            self.extra.append((weakref.ref(obj), entry))
         self._drop_source()
         gc_and_empty_cache()
-        return moved
+        return moved + len(self.extra)
 
     def reattach(self, holder_path: str) -> int:
         from fwatchdog.template_cache.restore import repoint
 
         self.source = attach(holder_path)
-        return repoint(self.shared, self.source)
+        moved = repoint(self.shared, self.source)
+        for ref, entry in self.extra:
+            obj = ref()
+            if obj is not None:
+                view = self.source.tensor(entry)
+                obj.data = view if view.device == obj.device else view.to(obj.device)
+                moved += 1
+        return moved
+
+    def _range(self) -> tuple[int, int]:
+        """The buffer's address range, from a served tensor and its offset."""
+        for item in self.shared:
+            obj = item.tensor()
+            if obj is not None and obj.numel():
+                base = obj.data_ptr() - self.source.info.offsets[item.index_name]
+                return base, base + int(self.source.info.size)
+        return 0, 0
+
+    def _entries(self) -> list[Any]:
+        return [item.entry for item in self.shared]
 
     def _drop_source(self) -> None:
         source, self.source = self.source, None
