@@ -99,8 +99,12 @@ def processes(root: int) -> dict[int, tuple[int, str]]:
 
 
 def titled(wd: Watchdog, prefix: str) -> list[int]:
-    return sorted(pid for pid, (_, title) in processes(wd.proc.pid).items()
-                  if title.startswith(prefix))
+    """Descendants whose title starts with ``prefix``. The holder and the zygote are
+    the front's own children: a handler carries the zygote's title for the moment
+    between its fork and its first title of its own."""
+    direct = prefix.startswith(("fwatchdog: zygote", "fwatchdog: holder"))
+    return sorted(pid for pid, (ppid, title) in processes(wd.proc.pid).items()
+                  if title.startswith(prefix) and (not direct or ppid == wd.proc.pid))
 
 
 def metric(wd: Watchdog, name: str, labels: str = "") -> float:
