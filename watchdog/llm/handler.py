@@ -304,10 +304,7 @@ async def follow_front(report: Reporter, weights: Weights | None) -> None:
 
     reader, writer = await asyncio.open_unix_connection(sock=report.sock)
     while True:
-        try:
-            message = await wire.read_frame(reader)
-        except (wire.WireError, OSError):
-            message = None
+        message = await wire.next_message(reader)
         if message is None:
             # The front is gone: nothing will route to us again.
             os.kill(os.getpid(), signal.SIGTERM)

@@ -448,10 +448,7 @@ class Runtime:
         h: Handler | None = None
         try:
             while True:
-                try:
-                    message = await wire.read_frame(reader)
-                except (wire.WireError, OSError):
-                    message = None
+                message = await wire.next_message(reader)
                 if message is None:
                     break
                 if h is None:

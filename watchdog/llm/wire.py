@@ -169,5 +169,14 @@ async def read_frame(reader: asyncio.StreamReader) -> Message | None:
     return decode_payload(payload)
 
 
+async def next_message(reader: asyncio.StreamReader) -> Message | None:
+    """:func:`read_frame` for a reader that only needs to know the channel ended:
+    None at its end, also when the peer died mid-frame or the socket broke."""
+    try:
+        return await read_frame(reader)
+    except (WireError, OSError):
+        return None
+
+
 def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
     writer.write(encode(message))
