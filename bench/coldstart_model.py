@@ -78,19 +78,11 @@ def build_tokenizer(vocab_size: int) -> Any:
 
 
 def build_model(model_dir: Path, shape: str, device: str) -> int:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig
 
     config = LlamaConfig(**shape_config(shape), bos_token_id=None, eos_token_id=None,
                          pad_token_id=None)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = common.random_llama(config, device)
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=None,
                                                pad_token_id=None)
     model.save_pretrained(model_dir)

@@ -38,6 +38,22 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def random_llama(config: Any, device: str) -> Any:
+    """A Llama with random bf16 weights built on ``device`` (seeded), for benchmarks:
+    random weights load exactly like real ones."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def measure_start(function_dir: Path, out: Path, template: Path | None = None,
                   attach: Path | None = None, device: str = "cpu",
                   timeout: float = 600, fds: tuple[int, ...] = ()) -> dict[str, Any]:

@@ -66,19 +66,12 @@ print(json.dumps({"attach_s": elapsed}))
 
 def build_function(root: Path, shape: str, device: str) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     function_dir = root / "function"
     function_dir.mkdir(parents=True)
     config = LlamaConfig(**SHAPES[shape])
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = common.random_llama(config, device)
     model.save_pretrained(function_dir / "model")
     del model
     if device.startswith("cuda"):
