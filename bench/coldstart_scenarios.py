@@ -79,7 +79,10 @@ def breakdown(inst: Instance, stream: client.Stream, info: dict[str, Any]) -> di
     else:
         ph = info["phases"]
         ready = listening
-        for name in ("zygote_import", "handler_start"):
+        # A cold start's request is answered by the first handler that listens
+        # (its warm-up runs after): zygote imports, then the handler's start-up.
+        start = "handler_listen" if "handler_listen" in ph else "handler_start"
+        for name in ("zygote_import", start):
             if name in ph:
                 parts[name] = ph[name]["sum"]
                 ready += ph[name]["sum"]
@@ -252,7 +255,8 @@ async def wait_handlers(inst: Instance, ready: int, timeout: float = 120) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = observe.by_label(await metrics(inst), "fwatchdog_llm_handlers", "state")
-        busy = sum(states.get(s, 0) for s in ("starting", "attaching", "restoring", "warming"))
+        busy = sum(states.get(s, 0)
+                   for s in ("starting", "attaching", "restoring", "cold", "warming"))
         if states.get("ready", 0) + states.get("serving", 0) >= ready and busy == 0:
             return
         await asyncio.sleep(0.02)

@@ -187,10 +187,16 @@ def _start(argv: list[str]) -> int:
     model = handler.model
     device = next(model.parameters()).device
     with torch.no_grad():
-        model(torch.tensor([PROMPT], device=device))
+        logits = model(torch.tensor([PROMPT], device=device)).logits
         if device.type == "cuda":
             torch.cuda.synchronize()
     result["first_forward_done_s"] = time.time() - spawned
+    import hashlib
+
+    # Bit-identity of what the start-up serves: the first forward's logits, as bytes.
+    result["logits_sha256"] = hashlib.sha256(
+        logits.float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    result["device"] = str(device)
     if stats is not None:
         result["template"] = {"used": stats.used, "rejected": stats.rejected,
                               "hits": stats.hits, "misses": stats.misses,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -36,7 +37,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
-DEVICE = {device!r}
+DEVICE = os.environ.get("BENCH_DEVICE", {device!r})
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "model")
 model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16, device_map=DEVICE)
 model.eval()
@@ -100,6 +101,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", default="2", choices=["1", "2"],
                         help="traced start-ups (2 compares them for dynamic state)")
+    parser.add_argument("--trace-device", default=None,
+                        help="trace on this device instead (cpu: as an image build does, "
+                             "with the GPU hidden)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (kept)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -117,7 +121,14 @@ def main() -> int:
         function_dir = build_function(scratch, args.shape, device)
         results["build_model_s"] = time.perf_counter() - started
         template = scratch / "template"
-        results["trace"] = common.run_tracer(function_dir, template, "--runs", args.runs)
+        trace_env = None
+        if args.trace_device and args.trace_device != device:
+            trace_env = {**os.environ, "BENCH_DEVICE": args.trace_device}
+            if args.trace_device == "cpu":
+                trace_env["CUDA_VISIBLE_DEVICES"] = ""  # a build machine has no GPU
+        results["trace_device"] = args.trace_device or device
+        results["trace"] = common.run_tracer(function_dir, template, "--runs", args.runs,
+                                             env=trace_env)
         results["ordinary"] = common.repeat_starts("ordinary", args.repeats, scratch,
                                                    function_dir=function_dir, device=device)
         # The holder's fill rate with and without inline verification, alternating so
@@ -164,6 +175,12 @@ def main() -> int:
                        ("template (files)", "template_files")):
         r = results[key]
         print(f"{label:22} {r['ready_s_median']:8.2f} {r['first_forward_done_s_median']:12.2f}")
+    digests = {key: sorted({r.get("logits_sha256") for r in results[key]["runs"]})
+               for key in ("ordinary", "template_holder", "template_files")}
+    results["logits_identical"] = len({d for v in digests.values() for d in v}) == 1
+    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"first-forward logits bit-identical across ordinary, holder and files starts "
+          f"(traced on {results['trace_device']}): {results['logits_identical']}")
     print(f"results: {out}")
     return 0
 

@@ -137,6 +137,26 @@ def test_ready_is_503_until_a_warm_handler_exists(llm: Callable[..., Watchdog],
     assert get_json(wd, "/get")["x"] is None
 
 
+def test_a_request_that_finds_nothing_warm_is_answered_before_the_warm_up(
+        llm: Callable[..., Watchdog], signals: Path) -> None:
+    """A cold start's waiting request goes to the first handler that can answer, not
+    after its warm-up; the warm-up runs once the handler is idle, and only a warm
+    handler makes the pool ready."""
+    wd = llm(LLM_TEST_HOLD_WARMUP="1", exec_timeout=f"{START + 30:g}s")
+    assert http_status(wd.url + "/_/ready") == 503
+    first = get_json(wd, "/pid", timeout=START + 30)  # sent before any handler exists
+    wait_until(lambda: titled(wd, "fwatchdog: handler warming"), timeout=30,
+               what="the handler warming up after the request")
+    assert http_status(wd.url + "/_/ready") == 503
+    assert b"no warm handler yet" in fetch(wd.url + "/_/ready").body
+    (signals / "warm").write_text("")
+    wait_warm(wd, timeout=30)
+    assert serving_pid(wd) == first["pid"]
+    log = wd.text()
+    assert log.index("handler_listening") < log.index("handler_ready"), log[-3000:]
+    assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="handler_listen"') >= 1
+
+
 def test_processes_have_titles_and_handlers_are_forked_from_the_zygote(
         llm: Callable[..., Watchdog]) -> None:
     wd = llm()

@@ -9,11 +9,14 @@ and shown in its process title (``fwatchdog: handler <state>``):
    the function's unmodified start-up gets its traced loads served from the buffer
    (an untraced load runs normally and is counted as a miss). Without a usable
    template the start-up runs the ordinary way.
-3. ``warming``: run the template's warm-up plan (fwatchdog.llm.warmup), so the first
-   real request runs at steady-state speed.
-4. ``ready``: listen on its own Unix socket (owner-only) with the function's HTTP
-   server (fwatchdog.llm.handler_server), then report ``ready`` with the restore's
-   counters and the phase timings.
+3. ``cold``: listen on its own Unix socket (owner-only) with the function's HTTP
+   server (fwatchdog.llm.handler_server) and report ``listening`` with the restore's
+   counters and the phase timings. The front sends a cold handler requests only
+   while no warm one exists (a cold start's waiting request is answered now, not
+   after the warm-up), and tells it to warm up once it is idle.
+4. ``warming`` on the front's ``warmup``: run the template's warm-up plan
+   (fwatchdog.llm.warmup) on the server's own threads, so the first request that
+   finds the handler warm runs at steady-state speed; then report ``ready``.
 
 The spec (the front's ``fork`` message): ``id``, ``front`` (the front's socket),
 ``socket`` (where to listen), ``holder`` (the holder's socket or null),
@@ -26,7 +29,8 @@ instead of forking again at once, and reports the traceback it was sent).
 
 Invariants: the handler connects to the front before anything else and keeps that
 connection open for its whole life, so its end is the front's sign that it is gone
-(whoever its parent is by then); it never forks.
+(whoever its parent is by then); it never forks; the warm-up and requests never run
+at once (the front sends no request to a warming handler).
 """
 
 from __future__ import annotations
@@ -205,10 +209,8 @@ def gc_and_empty_cache() -> None:
 
 def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
          report: Reporter) -> tuple[Any, dict[str, Any], Weights | None]:
-    """Steps 1-3 of the module docstring; returns (function module, ready report,
+    """Steps 1-2 of the module docstring; returns (function module, listening report,
     the mapped weights when the template served them)."""
-    from fwatchdog.config import Warmup
-    from fwatchdog.llm import warmup
     from fwatchdog.template_cache.restore import restore
     from fwatchdog.tracer.function import import_handler
 
@@ -242,15 +244,33 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     handle = getattr(module, "handle", None)
     if not callable(handle):
         raise RuntimeError(f"{function_dir}/handler.py defines no handle(event, context)")
-    report.state("warming")
-    started = time.perf_counter()
-    plan = warmup.read_plan(template_dir) if stats.get("used") else None
-    ran = warmup.run(handle, plan, Warmup(spec.get("warmup", "auto")),
-                     cuda=str(spec.get("device", "cpu")).startswith("cuda"))
-    phases["handler_warmup"] = time.perf_counter() - started
-    ready = {"template": stats, "phases": {k: round(v, 4) for k, v in phases.items()},
-             "warmup": ran, "releasable": weights is not None}
-    return module, ready, weights
+    listening = {"template": stats, "phases": {k: round(v, 4) for k, v in phases.items()},
+                 "releasable": weights is not None}
+    return module, listening, weights
+
+
+class WarmUp:
+    """Step 4: the warm-up plan, run once on the server's threads when the front asks."""
+
+    def __init__(self, spec: dict[str, Any], template_dir: Path, used_template: bool,
+                 handle: Any) -> None:
+        from fwatchdog.config import Warmup
+        from fwatchdog.llm import warmup
+
+        self.plan = warmup.read_plan(template_dir) if used_template else None
+        self.mode = Warmup(spec.get("warmup", "auto"))
+        self.cuda = str(spec.get("device", "cpu")).startswith("cuda")
+        self.handle = handle
+        self.done = False
+
+    async def run(self, server: Any) -> dict[str, Any]:
+        from fwatchdog.llm import warmup
+
+        started = time.perf_counter()
+        ran = await server.call(warmup.run, self.handle, self.plan, self.mode, cuda=self.cuda)
+        self.done = True
+        return {"event": "ready", "warmup": ran,
+                "phases": {"handler_warmup": round(time.perf_counter() - started, 4)}}
 
 
 def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
@@ -278,12 +298,13 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
         return BOOT_ERROR
 
     listened = []
+    warm = WarmUp(spec, template_dir, bool(ready["template"].get("used")), module.handle)
 
-    def listening() -> Coroutine[Any, Any, None]:
+    def listening(server: Any) -> Coroutine[Any, Any, None]:
         listened.append(True)
-        set_title("fwatchdog: handler ready")
-        report.send({"event": "ready", "socket": spec["socket"], **ready})
-        return follow_front(report, weights)
+        set_title("fwatchdog: handler cold")
+        report.send({"event": "listening", "socket": spec["socket"], **ready})
+        return follow_front(report, weights, server, warm)
 
     try:
         handler_server.run(module.handle, config, unix_path=spec["socket"],
@@ -297,9 +318,11 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
     return 0
 
 
-async def follow_front(report: Reporter, weights: Weights | None) -> None:
-    """Answer the front's requests while serving: ``release`` (let go of the weights,
-    the GPU is being released) and ``reattach`` {holder} (map the reloaded buffer)."""
+async def follow_front(report: Reporter, weights: Weights | None, server: Any,
+                       warm: WarmUp) -> None:
+    """Answer the front's requests while serving: ``warmup`` (run the warm-up plan,
+    then report ready), ``release`` (let go of the weights, the GPU is being
+    released) and ``reattach`` {holder} (map the reloaded buffer)."""
     import asyncio
 
     reader, writer = await asyncio.open_unix_connection(sock=report.sock)
@@ -311,6 +334,20 @@ async def follow_front(report: Reporter, weights: Weights | None) -> None:
             return
         op = message.get("op")
         started = time.perf_counter()
+        if op == "warmup":
+            if warm.done:
+                continue
+            set_title("fwatchdog: handler warming")
+            try:
+                answer = await warm.run(server)
+            except Exception as exc:  # noqa: BLE001 - samples' own errors are counted inside
+                LOG.warning("handler_warmup_failed error=%r", str(exc))
+                warm.done = True
+                answer = {"event": "ready", "warmup": {"error": str(exc)}, "phases": {}}
+            set_title("fwatchdog: handler ready")
+            wire.write_frame(writer, {**answer, "id": report.id})
+            await writer.drain()
+            continue
         try:
             if weights is None:
                 raise RuntimeError("this handler's weights did not come from the template")

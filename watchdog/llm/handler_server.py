@@ -200,6 +200,17 @@ class HandlerServer:
         app.on_cleanup.append(self._shutdown_executor)
         return app
 
+    def runner(self) -> web.AppRunner:
+        # handler_cancellation: a client disconnect cancels the request's task, which
+        # is how a blocked handle() or a stream learns the client is gone.
+        return web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                             shutdown_timeout=self._config.shutdown_timeout)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` on the threads that run ``handle``: per-thread state that the function
+        builds on first use (CUDA handles and caches) is then warm for requests."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
+
     async def _shutdown_executor(self, _app: web.Application) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -349,17 +360,10 @@ def _close_if_stream(future: concurrent.futures.Future[Any]) -> None:
 
 
 def make_runner(handle: Handle, config: Config) -> web.AppRunner:
-    # handler_cancellation: a client disconnect cancels the request's task, which
-    # is how a blocked handle() or a stream learns the client is gone.
-    return web.AppRunner(
-        HandlerServer(handle, config).app(),
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=config.shutdown_timeout,
-    )
+    return HandlerServer(handle, config).runner()
 
 
-OnListening = Callable[[], "Coroutine[Any, Any, None] | None"]
+OnListening = Callable[[HandlerServer], "Coroutine[Any, Any, None] | None"]
 
 
 async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
@@ -368,10 +372,11 @@ async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
 
     With ``unix_path`` the server listens on a Unix socket there, readable and
     writable by its owner only, instead of ``config.host:config.port``.
-    ``on_listening`` is called once connections are accepted; a coroutine it returns
-    runs beside the server until the server stops (mode=llm's handler reads the
-    front's requests there)."""
-    runner = make_runner(handle, config)
+    ``on_listening`` is called with the server once connections are accepted; a
+    coroutine it returns runs beside the server until the server stops (mode=llm's
+    handler reads the front's requests there)."""
+    server = HandlerServer(handle, config)
+    runner = server.runner()
     await runner.setup()
     site: web.BaseSite
     if unix_path is not None:
@@ -393,7 +398,7 @@ async def serve(handle: Handle, config: Config, *, unix_path: str | None = None,
         loop.add_signal_handler(sig, stop.set)
     beside: asyncio.Task[None] | None = None
     if on_listening is not None:
-        started = on_listening()
+        started = on_listening(server)
         if started is not None:
             beside = asyncio.ensure_future(started)
     try:

@@ -102,6 +102,7 @@ class HState(enum.Enum):
     STARTING = "starting"
     ATTACHING = "attaching"
     RESTORING = "restoring"
+    COLD = "cold"  # listening, not warmed up yet: serves only while nothing warm exists
     WARMING = "warming"
     READY = "ready"
     RELEASING = "releasing"  # told to let go of the weights (the GPU is being released)
@@ -123,6 +124,7 @@ class Handler:
     limit: int  # requests before retiring; 0: no limit
     pid: int | None = None
     state: HState = HState.STARTING
+    listening_at: float | None = None
     ready_at: float | None = None
     pool: Pool | None = None
     inflight: int = 0
@@ -187,6 +189,7 @@ class Runtime:
         self.wake_started: float | None = None
         self.stopping = False
         self.inflight = 0
+        self.waiting = 0  # requests waiting in lease() for a handler
         self._changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -470,6 +473,8 @@ class Runtime:
         if event == "phase":
             with contextlib.suppress(ValueError):
                 h.state = HState(str(message.get("state")))
+        elif event == "listening":
+            self._listening(h, message)
         elif event == "ready":
             self._ready(h, message)
         elif event == "failed":
@@ -495,15 +500,16 @@ class Runtime:
         if h.writer is not None and not h.writer.is_closing():
             wire.write_frame(h.writer, message)
 
-    def _ready(self, h: Handler, message: dict[str, Any]) -> None:
-        h.state = HState.READY
-        h.ready_at = self.clock()
+    def _listening(self, h: Handler, message: dict[str, Any]) -> None:
+        """The start-up is done: it can answer, but has not warmed up yet."""
+        h.state = HState.COLD
+        h.listening_at = self.clock()
         h.releasable = bool(message.get("releasable"))
         h.pool = Pool("localhost", 80, unix_path=h.socket_path, idle_timeout=30.0)
         self.failure = None
         self.backoff = 0.0
-        seconds = h.ready_at - h.forked_at
-        self._phase("handler_start", seconds)
+        seconds = h.listening_at - h.forked_at
+        self._phase("handler_listen", seconds)
         for phase, value in dict(message.get("phases", {})).items():
             self._phase(str(phase), float(value))
         template = dict(message.get("template", {}))
@@ -516,13 +522,22 @@ class Runtime:
             if not template.get("used"):
                 reason = str(template.get("rejected") or self.template_reason or "unknown")
                 self.metrics.template_rejected.labels(rejection_class(reason)).inc()
+        self.log.info(kv("handler_listening", id=h.id, pid=h.pid, seconds=round(seconds, 3),
+                         template="used" if template.get("used") else "not used",
+                         hits=template.get("hits"), misses=template.get("misses"),
+                         rejected=template.get("rejected"), phases=message.get("phases")))
+
+    def _ready(self, h: Handler, message: dict[str, Any]) -> None:
+        h.state = HState.READY
+        h.ready_at = self.clock()
+        seconds = h.ready_at - h.forked_at
+        self._phase("handler_start", seconds)
+        for phase, value in dict(message.get("phases", {})).items():
+            self._phase(str(phase), float(value))
         if self.wake_started is not None:
             self._phase("wake", h.ready_at - self.wake_started)
             self.wake_started = None
         self.log.info(kv("handler_ready", id=h.id, pid=h.pid, seconds=round(seconds, 3),
-                         template="used" if template.get("used") else "not used",
-                         hits=template.get("hits"), misses=template.get("misses"),
-                         rejected=template.get("rejected"), phases=message.get("phases"),
                          warmup=message.get("warmup")))
 
     def _boot_failed(self, h: Handler, error: str, trace: str) -> None:
@@ -650,6 +665,10 @@ class Runtime:
             if h.state is HState.RELEASED:  # woken: map the reloaded buffer again
                 h.state = HState.ATTACHING
                 self._tell(h, {"op": "reattach", "holder": self.holder_socket})
+            elif h.state is HState.COLD and not h.inflight and not self.waiting:
+                # Nobody waits for it any more: warm it up before it counts as warm.
+                h.state = HState.WARMING
+                self._tell(h, {"op": "warmup"})
         if any(h.state is not HState.READY for h in self.live()):
             return  # one start at a time
         if len(self.live()) >= self.cfg.llm_handlers + self.cfg.llm_spares:
@@ -659,10 +678,24 @@ class Runtime:
             return  # _boot_failed scheduled a notify for when it ends
         self._fork()
 
+    def cold(self) -> list[Handler]:
+        """Handlers that can answer but are not warm yet: a request that finds no warm
+        handler goes to one of them rather than wait for its warm-up."""
+        return [h for h in self.live() if h.state is HState.COLD]
+
     async def lease(self, deadline: float | None) -> Handler:
         """A serving handler for one request, waiting for one until ``deadline``."""
+        self.waiting += 1
+        try:
+            return await self._lease(deadline)
+        finally:
+            self.waiting -= 1
+            if not self.waiting:
+                self.notify()  # a cold handler nobody waits for can warm up now
+
+    async def _lease(self, deadline: float | None) -> Handler:
         while True:
-            serving = self.serving()
+            serving = self.serving() or self.cold()
             if serving:
                 h = min(serving, key=lambda x: x.inflight)
                 h.inflight += 1

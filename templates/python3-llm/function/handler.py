@@ -22,6 +22,11 @@ from .openai_api import OpenAIServer, ServerConfig, default_model_name
 
 MODEL_PATH = model_cache.resolve_model_path(os.environ)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    # cuDNN's attention builds an execution plan for every new shape: on an H200 (8B)
+    # each new prompt length and every decode step at a new context length paid
+    # 100-250 ms once, which no warm-up can cover. Flash attention has no per-shape cost.
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
 # device_map loads the weights straight onto the GPU, without a copy in host memory.
