@@ -93,6 +93,7 @@ def handle(event, context):
 '''
 
 SAMPLE = {"method": "GET", "path": "/generate"}
+SECOND_SAMPLE = {"method": "GET", "path": "/pid"}  # a plan of two: a warm-up can pause
 
 
 # The same function placing its model where a GPU node would: on CUDA when there is one.
@@ -104,7 +105,7 @@ GPU_HANDLER = HANDLER.replace(
 
 
 def make_function(function_dir: Path, handler: str = HANDLER) -> Path:
-    """A function folder: handler.py, a random tiny Llama, one sample."""
+    """A function folder: handler.py, a random tiny Llama, two samples."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
     try:
         import tc_helpers
@@ -113,6 +114,7 @@ def make_function(function_dir: Path, handler: str = HANDLER) -> Path:
     tc_helpers.make_tiny_llama(function_dir, handler=handler)
     (function_dir / "samples").mkdir(exist_ok=True)
     (function_dir / "samples" / "generate.json").write_text(json.dumps(SAMPLE))
+    (function_dir / "samples" / "pid.json").write_text(json.dumps(SECOND_SAMPLE))
     return function_dir
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Watchdog, alive, fetch, http_status, wait_until
+from tests.conftest import Reply, Watchdog, alive, fetch, http_status, wait_until
 from tests.contract import llm_function
 
 pytestmark = pytest.mark.timeout(240)
@@ -155,6 +156,34 @@ def test_a_request_that_finds_nothing_warm_is_answered_before_the_warm_up(
     log = wd.text()
     assert log.index("handler_listening") < log.index("handler_ready"), log[-3000:]
     assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="handler_listen"') >= 1
+
+
+def test_a_request_during_the_warm_up_pauses_it_and_goes_first(
+        llm: Callable[..., Watchdog], signals: Path) -> None:
+    """With nothing warm, a request that comes while the only handler warms up waits
+    at most for the warm-up request in progress, not for the whole plan."""
+    wd = llm(LLM_TEST_HOLD_WARMUP="1", exec_timeout=f"{START + 30:g}s")
+    first = get_json(wd, "/pid", timeout=START + 30)
+    wait_until(lambda: titled(wd, "fwatchdog: handler warming"), timeout=30,
+               what="the handler warming up")
+    replies: list[Reply] = []
+    waiting = threading.Thread(target=lambda: replies.append(fetch(wd.url + "/pid", timeout=60)))
+    waiting.start()
+    try:
+        wait_until(lambda: "handler_warmup_pausing" in wd.text(), timeout=30,
+                   what="the front asking the warm-up to pause")
+        (signals / "warm").write_text("")  # the warm-up request in progress may end
+        waiting.join(60)
+    finally:
+        (signals / "warm").write_text("")
+        waiting.join(60)
+    assert replies, wd.text()[-3000:]
+    assert replies[0].status == 200, (replies[0], wd.text()[-3000:])
+    assert json.loads(replies[0].body)["pid"] == first["pid"]
+    wait_warm(wd, timeout=30)
+    log = wd.text()
+    assert log.index("handler_warmup_paused") < log.index("handler_ready"), log[-3000:]
+    assert "pauses=1" in log, log[-3000:]
 
 
 def test_processes_have_titles_and_handlers_are_forked_from_the_zygote(

@@ -64,3 +64,28 @@ def test_run_counts_answers_and_failures_without_raising() -> None:
     result = warmup.run(handle, plan, Warmup.SAMPLES, cuda=False)
     assert seen == ["/ok", "/boom", "/refuse"]
     assert (result["requests"], result["ok"], result["failed"]) == (3, 1, 2)
+
+
+def test_progress_runs_one_request_per_step_and_can_stop_between_them() -> None:
+    seen = []
+
+    def handle(event, context):
+        seen.append(event.path)
+        return {"statusCode": 500 if event.path == "/b" else 200, "body": ""}
+
+    plan = {"samples": [{"path": "/a"}, {"path": "/b"}, {"path": "/c"}]}
+    progress = warmup.Progress(plan, Warmup.SAMPLES, cuda=False)
+    assert not progress.done
+    progress.step(handle)
+    assert seen == ["/a"] and progress.next == 1 and not progress.done
+    progress.pauses += 1  # a handler stopped here to serve a request, then goes on
+    progress.step(handle)
+    progress.step(handle)
+    assert seen == ["/a", "/b", "/c"] and progress.done
+    report = progress.report()
+    assert (report["requests"], report["ok"], report["failed"], report["pauses"]) == (3, 2, 1, 1)
+
+
+def test_an_empty_plan_is_done_at_once() -> None:
+    progress = warmup.Progress({"samples": [{"path": "/a"}]}, Warmup.OFF, cuda=True)
+    assert progress.done and progress.report()["requests"] == 0

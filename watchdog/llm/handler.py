@@ -250,27 +250,35 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
 
 
 class WarmUp:
-    """Step 4: the warm-up plan, run once on the server's threads when the front asks."""
+    """Step 4: the warm-up plan, run one request at a time on the server's threads
+    when the front asks; it stops between two requests when the front asks it to
+    pause (a request waits), and goes on from there when asked again."""
 
     def __init__(self, spec: dict[str, Any], template_dir: Path, used_template: bool,
                  handle: Any) -> None:
         from fwatchdog.config import Warmup
         from fwatchdog.llm import warmup
 
-        self.plan = warmup.read_plan(template_dir) if used_template else None
-        self.mode = Warmup(spec.get("warmup", "auto"))
-        self.cuda = str(spec.get("device", "cpu")).startswith("cuda")
+        plan = warmup.read_plan(template_dir) if used_template else None
+        self.progress = warmup.Progress(plan, Warmup(spec.get("warmup", "auto")),
+                                        cuda=str(spec.get("device", "cpu")).startswith("cuda"))
         self.handle = handle
-        self.done = False
+        self.pause = False
+        self.task: Any = None
 
     async def run(self, server: Any) -> dict[str, Any]:
-        from fwatchdog.llm import warmup
-
+        """Until the plan is done (``ready``) or a pause was asked for (``paused``)."""
         started = time.perf_counter()
-        ran = await server.call(warmup.run, self.handle, self.plan, self.mode, cuda=self.cuda)
-        self.done = True
-        return {"event": "ready", "warmup": ran,
-                "phases": {"handler_warmup": round(time.perf_counter() - started, 4)}}
+        progress = self.progress
+        while not progress.done:
+            if self.pause:
+                progress.pauses += 1
+                return {"event": "paused", "done": progress.next,
+                        "requests": len(progress.requests)}
+            await server.call(progress.step, self.handle)
+        return {"event": "ready", "warmup": progress.report(),
+                "phases": {"handler_warmup": round(progress.seconds, 4),
+                           "handler_warmup_last": round(time.perf_counter() - started, 4)}}
 
 
 def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
@@ -318,11 +326,30 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path) -> int:
     return 0
 
 
+def _warmed(task: Any, warm: WarmUp, writer: Any, report: Reporter) -> None:
+    """The warm-up ran to its end or to a pause: tell the front which."""
+    warm.task = None
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:  # the samples' own errors are counted inside; this is the runtime's
+        LOG.warning("handler_warmup_failed error=%r", str(exc))
+        warm.progress.next = len(warm.progress.requests)
+        answer: dict[str, Any] = {"event": "ready", "warmup": {"error": str(exc)}, "phases": {}}
+    else:
+        answer = task.result()
+    set_title("fwatchdog: handler " + ("ready" if answer["event"] == "ready" else "cold"))
+    if not writer.is_closing():
+        wire.write_frame(writer, {**answer, "id": report.id})
+
+
 async def follow_front(report: Reporter, weights: Weights | None, server: Any,
                        warm: WarmUp) -> None:
     """Answer the front's requests while serving: ``warmup`` (run the warm-up plan,
-    then report ready), ``release`` (let go of the weights, the GPU is being
-    released) and ``reattach`` {holder} (map the reloaded buffer)."""
+    or go on with it, then report ``ready``), ``pause`` (stop the warm-up after the
+    request it is running and report ``paused``: a request waits), ``release`` (let
+    go of the weights, the GPU is being released) and ``reattach`` {holder} (map the
+    reloaded buffer)."""
     import asyncio
 
     reader, writer = await asyncio.open_unix_connection(sock=report.sock)
@@ -334,19 +361,14 @@ async def follow_front(report: Reporter, weights: Weights | None, server: Any,
             return
         op = message.get("op")
         started = time.perf_counter()
-        if op == "warmup":
-            if warm.done:
-                continue
-            set_title("fwatchdog: handler warming")
-            try:
-                answer = await warm.run(server)
-            except Exception as exc:  # noqa: BLE001 - samples' own errors are counted inside
-                LOG.warning("handler_warmup_failed error=%r", str(exc))
-                warm.done = True
-                answer = {"event": "ready", "warmup": {"error": str(exc)}, "phases": {}}
-            set_title("fwatchdog: handler ready")
-            wire.write_frame(writer, {**answer, "id": report.id})
-            await writer.drain()
+        if op in ("warmup", "pause"):
+            if op == "pause":
+                warm.pause = True
+            elif warm.task is None:
+                warm.pause = False
+                set_title("fwatchdog: handler warming")
+                warm.task = asyncio.ensure_future(warm.run(server))
+                warm.task.add_done_callback(lambda task: _warmed(task, warm, writer, report))
             continue
         try:
             if weights is None:

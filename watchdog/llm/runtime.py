@@ -12,6 +12,10 @@ Pool policy:
 - A handler is *live* from its fork until it retires or dies. The first
   ``llm_handlers`` ready, live handlers (oldest first) serve; the rest are warm
   spares, promoted the moment a serving handler retires or dies.
+- A handler that has finished its start-up but not its warm-up (*cold*) answers
+  requests while no warm handler exists: a cold start's request does not wait for
+  the warm-up. It warms up once nobody waits for it, and a request that comes
+  during the warm-up pauses it (between two warm-up requests) and goes first.
 - Handlers start one at a time: two handlers doing their first CUDA work together
   slow each other several-fold, so the next fork waits until the previous handler
   is ready or gone.
@@ -126,6 +130,7 @@ class Handler:
     state: HState = HState.STARTING
     listening_at: float | None = None
     ready_at: float | None = None
+    pausing: bool = False  # asked to pause its warm-up for a waiting request
     pool: Pool | None = None
     inflight: int = 0
     assigned: int = 0
@@ -476,7 +481,16 @@ class Runtime:
         elif event == "listening":
             self._listening(h, message)
         elif event == "ready":
+            h.pausing = False
             self._ready(h, message)
+        elif event == "paused":
+            # Between two warm-up requests, for a request that waits: it is cold
+            # again, the waiting request takes it, and the warm-up goes on after.
+            h.pausing = False
+            if h.state is HState.WARMING:
+                h.state = HState.COLD
+            self.log.info(kv("handler_warmup_paused", id=h.id, pid=h.pid,
+                             done=message.get("done"), requests=message.get("requests")))
         elif event == "failed":
             self._boot_failed(h, str(message.get("error")), str(message.get("traceback", "")))
         elif event == "released":
@@ -713,6 +727,13 @@ class Runtime:
                 raise NotReady(self.failure)
             if self.gpu is GpuState.RELEASED and self.whole():
                 self._wake()
+            for h in self.live():
+                if h.state is HState.WARMING and not h.pausing:
+                    # Nothing warm, and a request waits: it goes before the warm-up.
+                    h.pausing = True
+                    self.log.info(kv("handler_warmup_pausing", id=h.id, pid=h.pid,
+                                     reason="a request waits and nothing is warm"))
+                    self._tell(h, {"op": "pause"})
             remaining = None if deadline is None else deadline - self.clock()
             if remaining is not None and remaining <= 0:
                 raise NotReady("no warm handler became ready in time")

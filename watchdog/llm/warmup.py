@@ -18,6 +18,10 @@ first replays the template's warm-up plan (``trace.warmup`` in the manifest):
 
 Without a template (or a plan) the default samples of the tracer are used.
 
+The plan runs one request at a time (:class:`Progress`), so a handler can stop
+between two of them when a real request waits, serve it, and go on where it
+stopped.
+
 Invariants: the warm-up calls only the function's public ``handle``; an answer that
 fails is logged and counted, never fatal (a warm-up request the function refuses,
 a prompt longer than it accepts, is not a broken start-up).
@@ -112,34 +116,67 @@ def plan_requests(plan: dict[str, Any] | None, mode: Warmup, cuda: bool) -> list
     return requests
 
 
-def run(handle: Callable[..., Any], plan: dict[str, Any] | None, mode: Warmup, *,
-        cuda: bool) -> dict[str, Any]:
-    """Run the plan through ``handle``; counts and seconds for the ready report."""
+def run_one(handle: Callable[..., Any], raw: dict[str, Any]) -> bool:
+    """One warm-up request through ``handle``, its answer drained; whether it was
+    answered with a status below 400."""
     from fwatchdog.llm.handler_server import Context
     from fwatchdog.tracer.function import consume, parse_sample
 
-    requests = plan_requests(plan, mode, cuda)
-    ok = failed = 0
-    started = time.perf_counter()
-    for raw in requests:
-        name = str(raw.get("name", "sample"))
-        try:
-            sample = parse_sample(name, raw)
-            result = handle(sample.event(), Context("warmup"))
-            if inspect.iscoroutine(result):
-                result = asyncio.run(result)
-            status = result.get("statusCode", 200) if isinstance(result, dict) else 200
-            consume(result)
-        except Exception as exc:  # noqa: BLE001 - see the module invariants
-            failed += 1
-            LOG.info("warmup_failed sample=%s error=%r", name, repr(exc))
-            continue
-        if isinstance(status, int) and status >= 400:
-            failed += 1
-            LOG.info("warmup_refused sample=%s status=%d", name, status)
-        else:
-            ok += 1
-    seconds = time.perf_counter() - started
-    LOG.info("warmup_done requests=%d ok=%d failed=%d seconds=%.3f mode=%s", len(requests), ok,
-             failed, seconds, mode.value)
-    return {"requests": len(requests), "ok": ok, "failed": failed, "seconds": round(seconds, 4)}
+    name = str(raw.get("name", "sample"))
+    try:
+        sample = parse_sample(name, raw)
+        result = handle(sample.event(), Context("warmup"))
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        status = result.get("statusCode", 200) if isinstance(result, dict) else 200
+        consume(result)
+    except Exception as exc:  # noqa: BLE001 - see the module invariants
+        LOG.info("warmup_failed sample=%s error=%r", name, repr(exc))
+        return False
+    if isinstance(status, int) and status >= 400:
+        LOG.info("warmup_refused sample=%s status=%d", name, status)
+        return False
+    return True
+
+
+class Progress:
+    """The plan's requests and how far they have run; :meth:`step` runs the next."""
+
+    def __init__(self, plan: dict[str, Any] | None, mode: Warmup, *, cuda: bool) -> None:
+        self.mode = mode
+        self.requests = plan_requests(plan, mode, cuda)
+        self.next = 0
+        self.ok = self.failed = 0
+        self.seconds = 0.0
+        self.pauses = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.requests)
+
+    def step(self, handle: Callable[..., Any]) -> None:
+        started = time.perf_counter()
+        answered = run_one(handle, self.requests[self.next])
+        self.next += 1
+        self.ok += answered
+        self.failed += not answered
+        self.seconds += time.perf_counter() - started
+        if self.done:
+            LOG.info("warmup_done requests=%d ok=%d failed=%d seconds=%.3f mode=%s pauses=%d",
+                     len(self.requests), self.ok, self.failed, self.seconds, self.mode.value,
+                     self.pauses)
+
+    def report(self) -> dict[str, Any]:
+        return {"requests": len(self.requests), "ok": self.ok, "failed": self.failed,
+                "seconds": round(self.seconds, 4), "pauses": self.pauses}
+
+
+def run(handle: Callable[..., Any], plan: dict[str, Any] | None, mode: Warmup, *,
+        cuda: bool) -> dict[str, Any]:
+    """Run the whole plan through ``handle``; counts and seconds for the ready report."""
+    progress = Progress(plan, mode, cuda=cuda)
+    while not progress.done:
+        progress.step(handle)
+    if not progress.requests:
+        LOG.info("warmup_done requests=0 mode=%s", mode.value)
+    return {k: v for k, v in progress.report().items() if k != "pauses"}
