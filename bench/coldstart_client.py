@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +56,11 @@ def body(content: str, max_tokens: int, sampled: bool = False, seed: int = 0) ->
 
 
 async def chat(session: aiohttp.ClientSession, url: str, request: dict[str, Any], t0: float,
-               connect_timeout: float = 600.0) -> Stream:
-    """POST a streamed chat completion to ``url``; never raises for a failed request."""
+               connect_timeout: float = 600.0,
+               alive: Callable[[], bool] | None = None) -> Stream:
+    """POST a streamed chat completion to ``url``; never raises for a failed request.
+    Connection refusals are retried until ``connect_timeout``, or until ``alive``
+    says the server's process has exited (it will never listen)."""
     deadline = time.monotonic() + connect_timeout
     headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
     data = json.dumps(request).encode()
@@ -67,7 +71,7 @@ async def chat(session: aiohttp.ClientSession, url: str, request: dict[str, Any]
                                     headers=headers) as resp:
                 return await _read(resp, t0, sent)
         except aiohttp.ClientConnectorError as exc:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (alive is not None and not alive()):
                 return Stream(0, sent, None, None, time.monotonic() - t0, 0, repr(exc))
             await asyncio.sleep(RETRY_S)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -52,7 +52,8 @@ async def request(bench: Bench, inst: Instance, tokens: int, max_tokens: int = 4
     async with client.new_session() as session:
         body = client.body(bench.words(tokens, seed), max_tokens, sampled, seed)
         result = await client.chat(session, inst.url, body,
-                                   time.monotonic() if t0 is None else t0)
+                                   time.monotonic() if t0 is None else t0,
+                                   alive=lambda: inst.proc.poll() is None)
     if not result.ok:
         raise RuntimeError(f"{inst.system}: request failed: {result}\n" + inst.log_tail())
     return result
