@@ -351,6 +351,20 @@ def test_a_boot_error_is_reported_and_retried_with_backoff(
     assert wd.proc.poll() is None
 
 
+def test_a_warm_up_that_hangs_is_a_failed_start_up(llm: Callable[..., Watchdog],
+                                                   signals: Path) -> None:
+    """A warm-up request past exec_timeout: the handler says why and leaves, the pool
+    stays not-ready with the reason, and the next fork backs off."""
+    wd = llm(LLM_TEST_HOLD_WARMUP="1", exec_timeout="2s")
+    wd.wait_output("event=handler_boot_failed", timeout=START)
+    assert "ran past 2s (exec_timeout)" in wd.text(), wd.text()[-3000:]
+    reply = fetch(wd.url + "/_/ready")
+    assert reply.status == 503 and b"the function failed to start" in reply.body
+    (signals / "warm").write_text("")  # the function stops hanging: the next one warms up
+    wait_warm(wd)
+    assert wd.proc.poll() is None
+
+
 def test_a_dead_zygote_is_replaced_and_ready_is_503_meanwhile(
         llm: Callable[..., Watchdog]) -> None:
     wd = llm()

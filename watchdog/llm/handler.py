@@ -21,7 +21,9 @@ and shown in its process title (``fwatchdog: handler <state>``):
 The spec (the front's ``fork`` message): ``id``, ``front`` (the front's socket),
 ``socket`` (where to listen), ``holder`` (the holder's socket or null),
 ``template_reason`` (why no template is used, when ``holder`` is null), ``warmup``
-(fwatchdog.config.Warmup value), ``device`` (the holder's device).
+(fwatchdog.config.Warmup value), ``device`` (the holder's device),
+``warmup_timeout`` (seconds one warm-up request may take, 0 for no limit: the
+front's ``exec_timeout``; past it the handler reports a failed start-up and exits).
 
 Exit codes (a contract with the front, as gunicorn's workers have one): 0 after a
 SIGTERM drain; :data:`BOOT_ERROR` when the start-up failed (the front backs off
@@ -35,6 +37,8 @@ at once (the front sends no request to a warming handler).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -249,6 +253,10 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     return module, listening, weights
 
 
+class WarmUpTimeout(Exception):
+    """A warm-up request did not end within ``warmup_timeout``: the function hangs."""
+
+
 class WarmUp:
     """Step 4: the warm-up plan, run one request at a time on the server's threads
     when the front asks; it stops between two requests when the front asks it to
@@ -263,6 +271,7 @@ class WarmUp:
         self.progress = warmup.Progress(plan, Warmup(spec.get("warmup", "auto")),
                                         cuda=str(spec.get("device", "cpu")).startswith("cuda"))
         self.handle = handle
+        self.timeout = float(spec.get("warmup_timeout") or 0)
         self.pause = False
         self.task: Any = None
 
@@ -275,7 +284,13 @@ class WarmUp:
                 progress.pauses += 1
                 return {"event": "paused", "done": progress.next,
                         "requests": len(progress.requests)}
-            await server.call(progress.step, self.handle)
+            step = server.call(progress.step, self.handle)
+            name = progress.requests[progress.next].get("name", "sample")
+            try:
+                await asyncio.wait_for(step, self.timeout or None)
+            except asyncio.TimeoutError:
+                raise WarmUpTimeout(f"the warm-up request {name!r} ran past "
+                                    f"{self.timeout:g}s (exec_timeout)") from None
         return {"event": "ready", "warmup": progress.report(),
                 "phases": {"handler_warmup": round(progress.seconds, 4),
                            "handler_warmup_last": round(time.perf_counter() - started, 4)}}
@@ -332,6 +347,14 @@ def _warmed(task: Any, warm: WarmUp, writer: Any, report: Reporter) -> None:
     if task.cancelled():
         return
     exc = task.exception()
+    if isinstance(exc, WarmUpTimeout):
+        # Its thread cannot be stopped, and a function that hangs on its own sample is a
+        # start-up that failed: say so, then leave; the front backs off.
+        LOG.error("handler_warmup_timed_out error=%r", str(exc))
+        wire.write_frame(writer, {"event": "failed", "error": str(exc), "traceback": "",
+                                  "id": report.id})
+        asyncio.ensure_future(_exit_after(writer, BOOT_ERROR))
+        return
     if exc is not None:  # the samples' own errors are counted inside; this is the runtime's
         LOG.warning("handler_warmup_failed error=%r", str(exc))
         warm.progress.next = len(warm.progress.requests)
@@ -343,6 +366,12 @@ def _warmed(task: Any, warm: WarmUp, writer: Any, report: Reporter) -> None:
         wire.write_frame(writer, {**answer, "id": report.id})
 
 
+async def _exit_after(writer: Any, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), 5.0)
+    os._exit(code)
+
+
 async def follow_front(report: Reporter, weights: Weights | None, server: Any,
                        warm: WarmUp) -> None:
     """Answer the front's requests while serving: ``warmup`` (run the warm-up plan,
@@ -350,8 +379,6 @@ async def follow_front(report: Reporter, weights: Weights | None, server: Any,
     request it is running and report ``paused``: a request waits), ``release`` (let
     go of the weights, the GPU is being released) and ``reattach`` {holder} (map the
     reloaded buffer)."""
-    import asyncio
-
     reader, writer = await asyncio.open_unix_connection(sock=report.sock)
     while True:
         message = await wire.next_message(reader)

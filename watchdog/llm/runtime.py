@@ -24,6 +24,8 @@ Pool policy:
 - A boot error (the function's start-up failed) is reported with its traceback and
   the next fork waits :data:`BACKOFF_START` seconds, doubling to :data:`BACKOFF_MAX`;
   meanwhile readiness is 503 with the reason and requests get 503 at once.
+- A warm-up request that runs past ``exec_timeout`` is a start-up that failed: the
+  handler reports it and exits, and the next fork backs off as for a boot error.
 - A request that reaches ``exec_timeout`` retires its handler, which is killed as
   soon as nothing else runs on it (a hung handler is killed; a slow one is not
   trusted with the next request either).
@@ -448,7 +450,8 @@ class Runtime:
         self.zygote.send({"op": "fork", "id": h.id, "front": self.front_socket,
                           "socket": h.socket_path, "holder": holder,
                           "template_reason": None if holder else self.template_reason,
-                          "warmup": self.cfg.llm_warmup.value, "device": self.device})
+                          "warmup": self.cfg.llm_warmup.value, "device": self.device,
+                          "warmup_timeout": self.cfg.exec_timeout})
         self.log.info(kv("handler_forking", id=h.id, template="holder" if holder else "none"))
 
     async def _on_handler(self, reader: asyncio.StreamReader,
