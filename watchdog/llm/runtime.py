@@ -201,6 +201,7 @@ class Runtime:
         self._server: asyncio.AbstractServer | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._backoff_check: asyncio.TimerHandle | None = None
         self._manage_scheduled = False
 
     # -- paths ---------------------------------------------------------------
@@ -248,8 +249,9 @@ class Runtime:
         self.stopping = True
         for timer in self._timers:
             timer.cancel()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        for pending in (self._idle_timer, self._backoff_check):
+            if pending is not None:
+                pending.cancel()
         for h in self.handlers:
             self._signal(h, signal.SIGTERM)
         deadline = self.clock() + min(STOP_GRACE, self.cfg.write_timeout)
@@ -692,7 +694,13 @@ class Runtime:
             return
         wait = self.backoff_until - self.clock()
         if wait > 0:
-            return  # _boot_failed scheduled a notify for when it ends
+            # Look again when the backoff ends. The timer _boot_failed set may fire a
+            # little early (an event loop's clock is coarser than time.monotonic), and
+            # with nothing else happening no other change would call manage again.
+            if self._backoff_check is not None:
+                self._backoff_check.cancel()
+            self._backoff_check = asyncio.get_running_loop().call_later(wait, self.notify)
+            return
         self._fork()
 
     def cold(self) -> list[Handler]:
