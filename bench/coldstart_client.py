@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 RETRY_S = 0.002
-READ_TIMEOUT_S = 180.0  # a stuck request fails instead of eating the GPU session
+READ_TIMEOUT_S = 180.0  # a stuck request fails instead of holding the GPU machine
 
 
 @dataclass(frozen=True)
