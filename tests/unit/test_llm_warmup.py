@@ -49,7 +49,7 @@ def test_without_a_plan_the_tracer_default_samples_run() -> None:
                                                                        DEFAULT_SAMPLES]
 
 
-def test_run_counts_answers_and_failures_without_raising() -> None:
+def test_steps_count_answers_and_failures_without_raising() -> None:
     seen = []
 
     def handle(event, context):
@@ -61,7 +61,10 @@ def test_run_counts_answers_and_failures_without_raising() -> None:
         return iter([b"a", b"b"])
 
     plan = {"samples": [{"path": "/ok"}, {"path": "/boom"}, {"path": "/refuse"}]}
-    result = warmup.run(handle, plan, Warmup.SAMPLES, cuda=False)
+    progress = warmup.Progress(plan, Warmup.SAMPLES, cuda=False)
+    while not progress.done:
+        progress.step(handle)
+    result = progress.report()
     assert seen == ["/ok", "/boom", "/refuse"]
     assert (result["requests"], result["ok"], result["failed"]) == (3, 1, 2)
 

@@ -130,7 +130,6 @@ class Handler:
     limit: int  # requests before retiring; 0: no limit
     pid: int | None = None
     state: HState = HState.STARTING
-    listening_at: float | None = None
     ready_at: float | None = None
     pausing: bool = False  # asked to pause its warm-up for a waiting request
     pool: Pool | None = None
@@ -522,12 +521,11 @@ class Runtime:
     def _listening(self, h: Handler, message: dict[str, Any]) -> None:
         """The start-up is done: it can answer, but has not warmed up yet."""
         h.state = HState.COLD
-        h.listening_at = self.clock()
         h.releasable = bool(message.get("releasable"))
         h.pool = Pool("localhost", 80, unix_path=h.socket_path, idle_timeout=30.0)
         self.failure = None
         self.backoff = 0.0
-        seconds = h.listening_at - h.forked_at
+        seconds = self.clock() - h.forked_at
         self._phase("handler_listen", seconds)
         for phase, value in dict(message.get("phases", {})).items():
             self._phase(str(phase), float(value))

@@ -170,13 +170,3 @@ class Progress:
         return {"requests": len(self.requests), "ok": self.ok, "failed": self.failed,
                 "seconds": round(self.seconds, 4), "pauses": self.pauses}
 
-
-def run(handle: Callable[..., Any], plan: dict[str, Any] | None, mode: Warmup, *,
-        cuda: bool) -> dict[str, Any]:
-    """Run the whole plan through ``handle``; counts and seconds for the ready report."""
-    progress = Progress(plan, mode, cuda=cuda)
-    while not progress.done:
-        progress.step(handle)
-    if not progress.requests:
-        LOG.info("warmup_done requests=0 mode=%s", mode.value)
-    return {k: v for k, v in progress.report().items() if k != "pauses"}
