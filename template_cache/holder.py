@@ -484,8 +484,16 @@ class AttachedBuffer:
         if self._base is None:
             raise TemplateError("the attached buffer is closed")
         if isinstance(self._base, torch.Tensor):
-            raw = self._base[offset : offset + entry.nbytes]
-            return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
+            dtype = TORCH_DTYPES[entry.dtype]
+            start = self._base.storage_offset() + offset
+            if start % dtype.itemsize:
+                raise TemplateError(f"tensor {entry.name} is not aligned in the held buffer")
+            # Straight on the buffer's storage. Slicing then viewing would keep the
+            # intermediate dtype view alive as the tensor's `_base`, and that would pin
+            # the whole buffer after a GPU release points the tensor elsewhere.
+            out = torch.empty(0, dtype=dtype, device=self._base.device)
+            return out.set_(self._base.untyped_storage(), start // dtype.itemsize,
+                            tuple(entry.shape))
         with warnings.catch_warnings():
             # Read-only on purpose: torch warns that it cannot mark tensors read-only.
             warnings.simplefilter("ignore", UserWarning)

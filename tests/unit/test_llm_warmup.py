@@ -37,6 +37,14 @@ def test_full_adds_each_prompt_length_greedy_then_sampled_on_a_gpu() -> None:
     assert sampled["temperature"] > 0 and 0 < sampled["top_p"] < 1
 
 
+def test_the_longest_bucket_leaves_room_for_the_template_and_the_answer() -> None:
+    plan = {**PLAN, "prompt_lengths": [1024, 4096, 8192], "max_context": 8192}
+    requests = warmup.plan_requests(plan, Warmup.FULL, cuda=True)
+    assert [r["name"] for r in requests[2::2]] == ["chat-1024", "chat-4096", "chat-7936"]
+    body = json.loads(requests[-1]["body"])
+    assert body["messages"][0]["content"].count("hello") == 7936
+
+
 def test_a_sample_that_is_not_openai_shaped_is_not_expanded() -> None:
     assert warmup.plan_requests({"samples": [PLAIN], "prompt_lengths": [1, 2]},
                                 Warmup.FULL, cuda=False) == [PLAIN]

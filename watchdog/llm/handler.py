@@ -47,6 +47,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
@@ -147,9 +148,14 @@ class Weights:
         by_offset = {offset: name for name, offset in self.source.info.offsets.items()}
         entries = {e.name: e for e in self._entries()}
         self.extra = []
-        for obj in gc.get_objects():
-            if not isinstance(obj, torch.Tensor):
-                continue
+        # The source's own tensor over the whole buffer (a CUDA attach has one) views
+        # it too; it goes with the source, so drop it before looking for other views.
+        self.source.close()
+        with warnings.catch_warnings():
+            # isinstance() on every live object touches deprecated module attributes.
+            warnings.simplefilter("ignore", FutureWarning)
+            found = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        for obj in found:
             try:
                 ptr = obj.data_ptr()
             except RuntimeError:  # meta or sparse tensors have no data pointer

@@ -99,6 +99,16 @@ def expand(sample: dict[str, Any], lengths: list[int]) -> Iterator[dict[str, Any
             break
 
 
+def fitting(length: int, max_context: Any) -> int:
+    """`length` filler tokens, less what a prompt of the model's whole context needs
+    besides them (the chat template's tokens and the two generated ones), so that the
+    longest bucket is a prompt the function accepts instead of a 400 that warms
+    nothing. A 32nd of the context, at least 8 tokens: 256 of 8192."""
+    if not isinstance(max_context, int) or max_context <= 0:
+        return length
+    return max(1, min(length, max_context - max(8, max_context // 32)))
+
+
 def plan_requests(plan: dict[str, Any] | None, mode: Warmup, cuda: bool) -> list[dict[str, Any]]:
     if mode is Warmup.OFF:
         return []
@@ -106,7 +116,8 @@ def plan_requests(plan: dict[str, Any] | None, mode: Warmup, cuda: bool) -> list
     full = mode is Warmup.FULL or (mode is Warmup.AUTO and cuda)
     if not full:
         return samples
-    lengths = sorted({int(n) for n in (plan or {}).get("prompt_lengths", []) if int(n) > 0})
+    lengths = sorted({fitting(int(n), (plan or {}).get("max_context"))
+                      for n in (plan or {}).get("prompt_lengths", []) if int(n) > 0})
     requests = list(samples)
     for sample in samples:
         variants = list(expand(sample, lengths))
