@@ -6,8 +6,8 @@
   stacked bars, one per system, cut into the parts each record's ``breakdown_s``
   holds, beside the floor's parts (the sklearn/pandas share of the imports shown on
   its own);
-- ``trace-ttft-cdf-<model>.png``: the CDF of TTFT on the sporadic trace, per system,
-  on a log time axis.
+- ``trace-ttft-cdf-<model>.png``: the CDF of TTFT on the sporadic trace, per system (every
+  trace run of a system, one per seed, pooled into one curve), on a log time axis.
 
 Several files are read as one list (two commands of one GPU session, say); a model
 without the records a plot needs gets no such plot. Prints the paths written.
@@ -77,14 +77,21 @@ def breakdown_plot(plt: Any, model: str, run: dict[str, Any] | None,
 
 
 def cdf_plot(plt: Any, model: str, records: list[dict[str, Any]], out: Path) -> Path | None:
-    series = [(r["system"], sorted(r["ttft_runs_s"])) for r in records
-              if r["model"] == model and r["scenario"] == "trace" and r.get("ttft_runs_s")]
-    if not series:
+    # Every trace run of a system (one per seed) pooled into one curve.
+    pooled: dict[str, list[float]] = {}
+    runs: dict[str, int] = {}
+    for r in records:
+        if r["model"] == model and r["scenario"] == "trace" and r.get("ttft_runs_s"):
+            pooled.setdefault(r["system"], []).extend(r["ttft_runs_s"])
+            runs[r["system"]] = runs.get(r["system"], 0) + 1
+    if not pooled:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for system, values in series:
+    for system, values in sorted(pooled.items()):
+        values = sorted(values)
         n = len(values)
-        ax.step(values, [(i + 1) / n for i in range(n)], where="post", label=system)
+        ax.step(values, [(i + 1) / n for i in range(n)], where="post",
+                label=f"{system} ({n} requests, {runs[system]} runs)")
     ax.set_xscale("log")
     ax.set_xlabel("time to first token, s (log)")
     ax.set_ylabel("fraction of requests")

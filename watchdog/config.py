@@ -112,6 +112,7 @@ class Config:
     llm_gpu_idle_timeout: float = 0.0  # release the GPU after this long idle; 0: never
     llm_warmup: Warmup = Warmup.AUTO
     llm_device: str = "auto"  # the holder's device: auto, cpu, cuda, cuda:N
+    llm_template_verify: str = "full"  # the holder's check of the bytes: full or quick
 
     @property
     def read_limit(self) -> float | None:
@@ -277,6 +278,10 @@ def from_env(env: Mapping[str, str]) -> Config:
     if not _DEVICE.fullmatch(device):
         r.problems.append(f"llm_device={device!r}: expected auto, cpu, cuda or cuda:N")
         device = "auto"
+    template_verify = r.string("llm_template_verify", default="full")
+    if template_verify not in ("full", "quick"):
+        r.problems.append(f"llm_template_verify={template_verify!r}: expected full or quick")
+        template_verify = "full"
     function_dir = r.string("function_dir", default=DEFAULT_FUNCTION_DIR)
     template_dir = r.string("template_dir", default=DEFAULT_TEMPLATE_DIR)
     if mode is Mode.LLM:
@@ -319,6 +324,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         llm_gpu_idle_timeout=r.duration("llm_gpu_idle_timeout", 0.0),
         llm_warmup=warmup,
         llm_device=device,
+        llm_template_verify=template_verify,
     )
     if config.ready_path and not config.ready_path.startswith("/"):
         r.problems.append(f"ready_path={config.ready_path!r}: must start with /")

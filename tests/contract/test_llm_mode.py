@@ -219,6 +219,15 @@ def test_the_template_serves_the_weights_and_the_answer_is_unchanged(
     assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="zygote_import"') == 1
     assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="handler_warmup"') >= 1
     assert metric(wd, "fwatchdog_llm_requests_total", 'outcome="ok"') >= 1
+    assert "verify=full" in wd.text()  # every byte checked as it streams, by default
+
+
+def test_quick_verification_is_opt_in_and_serves_the_same_weights(
+        llm: Callable[..., Watchdog]) -> None:
+    wd = llm(llm_template_verify="quick")
+    wait_warm(wd)
+    assert "verify=quick" in wd.text() and "template=used" in wd.text()
+    assert get_json(wd, "/generate")["tokens"] == get_json(wd, "/generate")["tokens"]
 
 
 def test_handlers_never_initialise_cuda_on_a_cpu_machine(llm: Callable[..., Watchdog]) -> None:

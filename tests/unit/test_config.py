@@ -131,6 +131,8 @@ def test_llm_mode_needs_no_fprocess_and_has_its_defaults() -> None:
         ({"llm_gpu_idle_timeout": "2"}, "llm_gpu_idle_timeout", 2.0),
         ({"llm_warmup": "full"}, "llm_warmup", Warmup.FULL),
         ({"llm_device": "cuda:1"}, "llm_device", "cuda:1"),
+        ({}, "llm_template_verify", "full"),
+        ({"llm_template_verify": "quick"}, "llm_template_verify", "quick"),
     ],
 )
 def test_llm_variable(env: dict[str, str], field: str, expected: object) -> None:
@@ -148,6 +150,8 @@ def test_llm_variable(env: dict[str, str], field: str, expected: object) -> None
         ({"mode": "llm", "llm_gpu_idle_timeout": "soon"}, "llm_gpu_idle_timeout='soon'"),
         ({"mode": "llm", "llm_warmup": "always"}, "llm_warmup='always': expected one of"),
         ({"mode": "llm", "llm_device": "tpu"}, "llm_device='tpu': expected auto, cpu"),
+        ({"mode": "llm", "llm_template_verify": "none"},
+         "llm_template_verify='none': expected full or quick"),
         ({"mode": "llm", "function_dir": "function"}, "function_dir='function': must be an abs"),
         ({"mode": "llm", "template_dir": "./t"}, "template_dir='./t': must be an absolute"),
         ({}, "fprocess: required"),

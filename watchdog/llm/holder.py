@@ -1,12 +1,14 @@
 """The template holder process: one copy of a template's static weights per device.
 
     python -m fwatchdog.llm.holder --control-fd FD --socket PATH \
-        --template DIR --function DIR --device auto|cpu|cuda[:N]
+        --template DIR --function DIR --device auto|cpu|cuda[:N] [--verify full|quick]
 
 Started by the front at time zero. Before it imports torch it asks the kernel to read
 the template's weight files ahead (``posix_fadvise(WILLNEED)``), so disk reads overlap
 the zygote's imports and its own. Then it checks the template and copies its tensors
-into one shared buffer (``fwatchdog.template_cache.holder.hold``), and serves handles
+into one shared buffer (``fwatchdog.template_cache.holder.hold``; ``--verify``: every
+byte checked on the way, or ``quick``: files whose size and mtime are as traced are
+trusted, for read-only images), and serves handles
 to that buffer on a Unix socket (owner-only) to handler processes.
 
 Control channel (inherited socket, wire frames) with the front:
@@ -81,8 +83,9 @@ def resolve_device(device: str) -> str:
 
 class HolderProcess:
     def __init__(self, control: socket.socket, socket_path: str, template_dir: Path,
-                 function_dir: Path, device: str) -> None:
+                 function_dir: Path, device: str, verify: str = "full") -> None:
         self.control = control
+        self.verify = verify
         self.socket_path = socket_path
         self.template_dir = template_dir
         self.function_dir = function_dir
@@ -96,7 +99,8 @@ class HolderProcess:
         from fwatchdog.template_cache.holder import hold
 
         started = time.perf_counter()
-        self.holder = hold(self.template_dir, self.function_dir, device=self.device)
+        self.holder = hold(self.template_dir, self.function_dir, device=self.device,
+                           verify=self.verify)
         return time.perf_counter() - started, int(self.holder.info.size)
 
     def run(self) -> int:
@@ -228,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", type=Path, required=True)
     parser.add_argument("--function", type=Path, required=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--verify", choices=["full", "quick"], default="full")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     control = socket.socket(fileno=args.control_fd)
     return HolderProcess(control, args.socket, args.template, args.function,
-                         args.device).run()
+                         args.device, args.verify).run()
 
 
 if __name__ == "__main__":

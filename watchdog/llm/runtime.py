@@ -324,7 +324,8 @@ class Runtime:
         self.holder_settled = False
         self.holder = await self._spawn("holder", "fwatchdog.llm.holder", [
             "--socket", self.holder_socket, "--template", self.cfg.template_dir,
-            "--function", self.cfg.function_dir, "--device", self.cfg.llm_device])
+            "--function", self.cfg.function_dir, "--device", self.cfg.llm_device,
+            "--verify", self.cfg.llm_template_verify])
         self.holder_pid = self.holder.proc.pid
 
     async def _spawn_zygote(self) -> None:
