@@ -491,9 +491,14 @@ class AttachedBuffer:
             # Straight on the buffer's storage. Slicing then viewing would keep the
             # intermediate dtype view alive as the tensor's `_base`, and that would pin
             # the whole buffer after a GPU release points the tensor elsewhere.
+            shape = tuple(entry.shape)
+            strides, step = [], 1
+            for n in reversed(shape):  # contiguous, as the bytes lie in the file
+                strides.append(step)
+                step *= n
             out = torch.empty(0, dtype=dtype, device=self._base.device)
-            return out.set_(self._base.untyped_storage(), start // dtype.itemsize,
-                            tuple(entry.shape))
+            return out.set_(self._base.untyped_storage(), start // dtype.itemsize, shape,
+                            tuple(reversed(strides)))
         with warnings.catch_warnings():
             # Read-only on purpose: torch warns that it cannot mark tensors read-only.
             warnings.simplefilter("ignore", UserWarning)

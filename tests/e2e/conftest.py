@@ -292,12 +292,14 @@ def llm_function(
 ) -> Iterator[Function]:
     """The unmodified template function serving the converted default model.
 
-    One generation at a time, so the overload (503) path is reachable on purpose.
+    One generation at a time and one request waiting, so the queue and the overload
+    (503) paths are reachable on purpose.
     """
     fn = start_function(
         default_function_context,
         tmp_path_factory.mktemp("llm-function"),
-        {"MODEL_PATH": str(converted_model), "MAX_CONCURRENT_GENERATIONS": "1"},
+        {"MODEL_PATH": str(converted_model), "MAX_CONCURRENT_GENERATIONS": "1",
+         "MAX_QUEUED_GENERATIONS": "1", "MAX_QUEUE_WAIT": "120"},
     )
     yield fn
     fn.stop()

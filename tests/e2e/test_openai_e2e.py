@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -267,19 +268,35 @@ def test_a_client_that_disconnects_stops_its_generation(llm_function: Any) -> No
     assert time.monotonic() - started < 10
 
 
-def test_a_generation_beyond_the_limit_is_refused_with_503(llm_function: Any) -> None:
+def test_a_request_beyond_the_slots_waits_and_one_beyond_the_queue_is_a_503(
+    llm_function: Any,
+) -> None:
     before = len(llm_function.log())
     # As the openai SDK asks: Accept: application/json, yet events arrive one by one.
     sock, _ = open_stream(llm_function, LONG_STORY, events=2, accept="application/json")
+    queued: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: queued.append(raw(
+            llm_function, "POST", "/v1/completions",
+            json.dumps({"prompt": "Hi", "max_tokens": 2}).encode())),
+        daemon=True,
+    )
     try:
+        waiter.start()
+        llm_function.wait_log("request_queued", timeout=30, after=before)
         status, headers, err = raw(
             llm_function, "POST", CHAT, json.dumps({"messages": FRANCE}).encode()
         )
-        assert status == 503
+        assert status == 503  # the one slot runs and the one place in the queue is taken
         assert err["error"]["code"] == "overloaded"
         assert headers.get("retry-after") == "1"
         # Listing models needs no generation slot.
         assert raw(llm_function, "GET", "/v1/models")[0] == 200
+        assert not queued  # still waiting for the slot
     finally:
         sock.close()
     llm_function.wait_log("generation_cancelled", timeout=30, after=before)
+    waiter.join(60)
+    assert queued and queued[0][0] == 200, queued
+    assert queued[0][2]["usage"]["completion_tokens"] == 2
+    assert "request_admitted" in llm_function.log()[before:]

@@ -22,6 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import wait_until
+
 FUNCTION = Path(__file__).resolve().parents[2] / "templates" / "python3-llm" / "function"
 PACKAGE = "python3_llm_function"
 
@@ -189,6 +191,21 @@ def test_server_config_from_env() -> None:
         )
     assert "MAX_CONCURRENT_GENERATIONS" in str(caught.value)
     assert "DEFAULT_MAX_TOKENS" in str(caught.value)
+
+
+def test_queue_settings_from_env() -> None:
+    config = api.ServerConfig.from_env({}, "d")
+    assert (config.max_queued, config.max_queue_wait) == (8, 30.0)
+    config = api.ServerConfig.from_env(
+        {"MAX_QUEUED_GENERATIONS": "0", "MAX_QUEUE_WAIT": "2.5s"}, "d")
+    assert (config.max_queued, config.max_queue_wait) == (0, 2.5)
+    with pytest.raises(ValueError) as caught:
+        api.ServerConfig.from_env({"MAX_QUEUED_GENERATIONS": "-1", "MAX_QUEUE_WAIT": "soon"}, "d")
+    assert "MAX_QUEUED_GENERATIONS='-1'" in str(caught.value)
+    assert "MAX_QUEUE_WAIT='soon'" in str(caught.value)
+    with pytest.raises(ValueError, match="exceeds http_threads=8"):
+        api.ServerConfig.from_env({"MAX_CONCURRENT_GENERATIONS": "4",
+                                   "MAX_QUEUED_GENERATIONS": "5", "http_threads": "8"}, "d")
 
 
 def test_model_aliases_from_env() -> None:
@@ -362,12 +379,14 @@ class Event:
         self.query: dict = {}
 
 
-def scripted_server(model: Any, max_concurrent: int = 1, aliases: str = "") -> Any:
+def scripted_server(model: Any, max_concurrent: int = 1, aliases: str = "", queued: int = 0,
+                    wait: float = 30.0) -> Any:
     model.config = types.SimpleNamespace(max_position_embeddings=64)
     model.generation_config = types.SimpleNamespace(eos_token_id=0)
     config = api.ServerConfig.from_env(
         {"MODEL_NAME": "scripted", "MAX_CONCURRENT_GENERATIONS": str(max_concurrent),
-         "MODEL_ALIASES": aliases}, "unused")
+         "MODEL_ALIASES": aliases, "MAX_QUEUED_GENERATIONS": str(queued),
+         "MAX_QUEUE_WAIT": str(wait)}, "unused")
     return api.OpenAIServer(model, ServerTokenizer(TABLE), config)
 
 
@@ -402,7 +421,7 @@ def test_a_stream_that_fails_ends_with_an_in_band_error() -> None:
     assert [i["choices"][0]["delta"].get("content") for i in items[1:-2]] == ["a", "b"]
 
 
-def test_one_slot_means_a_second_generation_is_a_503_until_the_first_ends() -> None:
+def test_without_a_queue_a_second_generation_is_a_503_until_the_first_ends() -> None:
     torch = pytest.importorskip("torch")
     server = scripted_server(ScriptedModel(torch, ids("abcdefgh"), len(TABLE)))
     first = server.handle(Event("/v1/completions", {"prompt": "x", "stream": True}), CONTEXT)
@@ -414,6 +433,88 @@ def test_one_slot_means_a_second_generation_is_a_503_until_the_first_ends() -> N
     first["body"].close()  # the client left
     again = server.handle(Event("/v1/completions", {"prompt": "y", "max_tokens": 2}), CONTEXT)
     assert again["statusCode"] == 200 and again["body"]["usage"]["completion_tokens"] == 2
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_queued_request_waits_for_the_slot_and_is_answered() -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(ScriptedModel(torch, ids("abcdefgh"), len(TABLE)), queued=1)
+    first = server.handle(Event("/v1/completions", {"prompt": "x", "stream": True}), CONTEXT)
+    stream = iter(first["body"])
+    next(stream)  # generating: the only slot is taken
+    thread, out = _in_thread(lambda: server.handle(
+        Event("/v1/completions", {"prompt": "y", "max_tokens": 2}), CONTEXT))
+    wait_until(lambda: server._admission.waiting == 1, timeout=10, what="the second to queue")
+    full = server.handle(Event("/v1/completions", {"prompt": "z"}), CONTEXT)
+    assert full["statusCode"] == 503 and full["headers"]["Retry-After"] == "1"
+    assert full["body"]["error"]["code"] == "overloaded"
+    assert not out  # still waiting
+    first["body"].close()
+    thread.join(10)
+    assert out and out[0]["statusCode"] == 200
+    assert out[0]["body"]["usage"]["completion_tokens"] == 2
+
+
+def test_a_wait_past_its_bound_is_a_503_and_leaves_the_queue() -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(ScriptedModel(torch, ids("abcdefgh"), len(TABLE)), queued=2,
+                             wait=0.2)
+    first = server.handle(Event("/v1/completions", {"prompt": "x", "stream": True}), CONTEXT)
+    next(iter(first["body"]))
+    late = server.handle(Event("/v1/completions", {"prompt": "y"}), CONTEXT)
+    assert late["statusCode"] == 503 and late["headers"]["Retry-After"] == "1"
+    assert "within 0.2 s" in late["body"]["error"]["message"]
+    assert server._admission.waiting == 0
+    first["body"].close()
+
+
+def test_a_client_that_leaves_while_queued_frees_its_place() -> None:
+    torch = pytest.importorskip("torch")
+    server = scripted_server(ScriptedModel(torch, ids("abcdefgh"), len(TABLE)), queued=1)
+    first = server.handle(Event("/v1/completions", {"prompt": "x", "stream": True}), CONTEXT)
+    next(iter(first["body"]))
+    gone = types.SimpleNamespace(hostname="h", cancelled=threading.Event())
+    thread, out = _in_thread(lambda: server.handle(
+        Event("/v1/completions", {"prompt": "y"}), gone))
+    wait_until(lambda: server._admission.waiting == 1, timeout=10, what="the second to queue")
+    gone.cancelled.set()
+    thread.join(10)
+    assert out and out[0]["statusCode"] == 499
+    assert server._admission.waiting == 0 and server._admission.running == 1
+    first["body"].close()
+    assert server._admission.running == 0
+
+
+def test_slots_go_to_waiters_in_arrival_order() -> None:
+    admission = load("admission")
+    gate = admission.Admission(1, 3, 30.0)
+    held = gate.enter()
+    order: list[int] = []
+    threads = []
+    for i in range(3):
+        def take(i: int = i) -> None:
+            slot = gate.enter(threading.Event())
+            order.append(i)
+            slot.release()
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda i=i: gate.waiting == i + 1, timeout=10, what=f"waiter {i} to queue")
+    with pytest.raises(admission.Busy) as caught:
+        gate.enter()  # the queue is full: refused at once
+    assert caught.value.reason == "queue_full"
+    held.release()
+    held.release()  # idempotent: one slot is freed once
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2]
+    assert gate.running == 0 and gate.waiting == 0
 
 
 class NeverCalled:

@@ -8,8 +8,8 @@ and ``context`` (``.hostname``, ``.cancelled``), and returns a dict
 
 Environment: ``MODEL_PATH`` (a Hugging Face model folder; default: the embedded
 SmolLM2-135M-Instruct), ``MODEL_NAME``, ``MODEL_ALIASES`` (other names a request's
-``model`` may use, or ``*``), ``MAX_CONCURRENT_GENERATIONS``, ``DEFAULT_MAX_TOKENS``,
-``MAX_MODEL_LEN``.
+``model`` may use, or ``*``), ``MAX_CONCURRENT_GENERATIONS``, ``MAX_QUEUED_GENERATIONS``,
+``MAX_QUEUE_WAIT``, ``DEFAULT_MAX_TOKENS``, ``MAX_MODEL_LEN``.
 """
 
 import os

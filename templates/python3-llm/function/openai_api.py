@@ -14,8 +14,11 @@ Invariants:
 - Every failure the client caused is a 4xx with OpenAI's error JSON
   ``{"error": {"message", "type", "param", "code"}}``; nothing it sends reaches the
   model before validation passed (types, ranges, UTF-8, context length).
-- At most ``config.max_concurrent`` generations run at once; one more is a 503,
-  never a queue. A slot is released exactly once, *before* the last byte of the
+- At most ``config.max_concurrent`` generations run at once; up to
+  ``config.max_queued`` more wait for a slot, first come first served, for at most
+  ``config.max_queue_wait`` seconds (``admission.py``). A 503 ``overloaded`` with
+  ``Retry-After`` answers only a request that finds the queue full or whose wait
+  ran out. A slot is released exactly once, *before* the last byte of the
   answer is produced and before the generation's end is logged, so a client that
   got its answer (or saw the log) can start the next request without a race.
 - A disconnected client stops its generation at the next token: the template sets
@@ -45,6 +48,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .admission import Admission, Busy, Left, Slot
 from .generation import Generation, SamplingParams
 
 LOG = logging.getLogger("openai_api")
@@ -64,14 +68,19 @@ class ServerConfig:
     aliases: frozenset[str] = frozenset()
     any_model: bool = False
     max_concurrent: int = 2
+    max_queued: int = 8  # requests that may wait for a generation slot
+    max_queue_wait: float = 30.0  # seconds one may wait before it is a 503
     default_max_tokens: int = 512
     max_context: int | None = None  # None: the model's max_position_embeddings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_name: str) -> ServerConfig:
         """Read ``MODEL_NAME``, ``MODEL_ALIASES``, ``MAX_CONCURRENT_GENERATIONS``,
-        ``DEFAULT_MAX_TOKENS`` and ``MAX_MODEL_LEN``; a bad value raises ``ValueError``
-        naming every one.
+        ``MAX_QUEUED_GENERATIONS``, ``MAX_QUEUE_WAIT``, ``DEFAULT_MAX_TOKENS`` and
+        ``MAX_MODEL_LEN``; a bad value raises ``ValueError`` naming every one. A
+        waiting request holds one of the server's ``http_threads`` (default 32), so
+        ``MAX_CONCURRENT_GENERATIONS + MAX_QUEUED_GENERATIONS`` may not exceed it:
+        past it, requests would wait for a thread with no bound and no 503.
 
         ``MODEL_ALIASES`` is a comma-separated list of further names a request may
         ask for (``gpt-4o,gpt-4o-mini``), or ``*`` for any name."""
@@ -91,6 +100,32 @@ class ServerConfig:
             return value
 
         max_concurrent = positive_int("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
+        max_queued = cls.max_queued
+        raw = env.get("MAX_QUEUED_GENERATIONS", "").strip()
+        if raw:
+            try:
+                max_queued = int(raw)
+            except ValueError:
+                max_queued = -1
+            if max_queued < 0:
+                errors.append(f"MAX_QUEUED_GENERATIONS={raw!r} must be a whole number >= 0")
+                max_queued = cls.max_queued
+        max_queue_wait = cls.max_queue_wait
+        raw = env.get("MAX_QUEUE_WAIT", "").strip()
+        if raw:
+            try:
+                max_queue_wait = float(raw.removesuffix("s"))
+            except ValueError:
+                max_queue_wait = -1.0
+            if not 0 <= max_queue_wait < float("inf"):
+                errors.append(f"MAX_QUEUE_WAIT={raw!r} must be seconds >= 0 (30 or 30s)")
+                max_queue_wait = cls.max_queue_wait
+        threads_raw = env.get("http_threads", "").strip()
+        threads = int(threads_raw) if threads_raw.isdigit() else 32
+        if max_concurrent is not None and max_concurrent + max_queued > threads:
+            errors.append(f"MAX_CONCURRENT_GENERATIONS + MAX_QUEUED_GENERATIONS = "
+                          f"{max_concurrent + max_queued} exceeds http_threads={threads}: "
+                          "each running or waiting request holds a thread")
         default_max_tokens = positive_int("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
         max_context = positive_int("MAX_MODEL_LEN", None)
         names = [n.strip() for n in env.get("MODEL_ALIASES", "").split(",")]
@@ -106,6 +141,8 @@ class ServerConfig:
             aliases=frozenset(n for n in names if n != "*"),
             any_model=any_model,
             max_concurrent=max_concurrent,
+            max_queued=max_queued,
+            max_queue_wait=max_queue_wait,
             default_max_tokens=default_max_tokens,
             max_context=max_context,
         )
@@ -364,22 +401,6 @@ def parse_prompt(obj: Mapping[str, Any]) -> str:
     return _check_text(prompt, "prompt")
 
 
-# ---------------------------------------------------------------- generation
-
-
-class _Slot:
-    """One of the bounded generation slots; release() is idempotent."""
-
-    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
-        self._semaphore = semaphore
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._semaphore.release()
-
-
 # ---------------------------------------------------------------- the server
 
 
@@ -413,7 +434,8 @@ class OpenAIServer:
         self.max_context = config.max_context or int(
             getattr(model.config, "max_position_embeddings", 2048)
         )
-        self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._admission = Admission(config.max_concurrent, config.max_queued,
+                                    config.max_queue_wait)
         self._eos_ids = _eos_ids(model, tokenizer)
         # Fast tokenizers may adjust their truncation state while encoding, and the
         # Rust side refuses concurrent mutation ("Already borrowed"): one encode at
@@ -538,17 +560,22 @@ class OpenAIServer:
         include_usage: bool,
         context: Any,
     ) -> dict[str, Any]:
-        if not self._slots.acquire(blocking=False):
-            raise APIError(
-                503,
-                f"The server is busy: {self.config.max_concurrent} generations are "
-                "running. Retry shortly.",
-                type="server_error",
-                code="overloaded",
-                headers={"Retry-After": "1"},
-            )
-        slot = _Slot(self._slots)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            slot = self._admission.enter(
+                getattr(context, "cancelled", None),
+                lambda position: LOG.info("request_queued id=%s position=%d running=%d",
+                                          request_id, position, self._admission.running))
+        except Busy as exc:
+            LOG.info("request_refused id=%s reason=%s running=%d waiting=%d", request_id,
+                     exc.reason, self._admission.running, self._admission.waiting)
+            raise APIError(503, str(exc), type="server_error", code="overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except Left:
+            LOG.info("request_left_queue id=%s", request_id)
+            return {"statusCode": 499, "body": ""}
+        if slot.waited_s:
+            LOG.info("request_admitted id=%s waited=%.3f", request_id, slot.waited_s)
         generation = Generation(
             self.model,
             self.tokenizer,
@@ -616,7 +643,7 @@ class OpenAIServer:
         kind: str,
         request_id: str,
         generation: Generation,
-        slot: _Slot,
+        slot: Slot,
         include_usage: bool,
     ) -> Iterator[dict[str, Any] | str]:
         created = int(time.time())
