@@ -58,7 +58,7 @@ from fwatchdog.template_cache.intercept import (
 from fwatchdog.template_cache.module_state import apply_attributes
 from fwatchdog.template_cache.stream import Verify, check_files
 from fwatchdog.template_cache.tensors import view_tensor
-from fwatchdog.template_cache.verify import read_manifest, structure_problems
+from fwatchdog.template_cache.verify import CheckedManifest, read_manifest, structure_problems
 
 LOG = logging.getLogger("fwatchdog.template_cache")
 
@@ -143,11 +143,17 @@ def manifest_sha256(template_dir: Path) -> str:
 
 
 def check_template(template_dir: Path, function_dir: Path | None,
-                   source: TensorSource | None, verify: bool | str = True) -> Manifest:
+                   source: TensorSource | None, verify: bool | str = True,
+                   checked: CheckedManifest | None = None) -> Manifest:
     """The manifest when this template may be used here; TemplateError saying why not.
     `verify` says how the files' bytes are checked (stream.Verify); a verified source
-    (a holder's buffer) needs no check of the files."""
-    manifest = read_manifest(template_dir)
+    (a holder's buffer) needs no check of the files. `checked`: the manifest as a
+    parent process already read and checked it, used when the file's bytes still have
+    its digest (otherwise the file is read and checked again)."""
+    if checked is not None and checked.sha256 == manifest_sha256(template_dir):
+        manifest = checked.manifest
+    else:
+        manifest = read_manifest(template_dir)
     problems = structure_problems(manifest, template_dir, function_dir)
     if problems:
         raise TemplateError("; ".join(problems))
@@ -169,15 +175,17 @@ def check_template(template_dir: Path, function_dir: Path | None,
 
 @contextmanager
 def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | None = None,
-            verify: bool | str = True) -> Iterator[RestoreStats]:
+            verify: bool | str = True,
+            checked: CheckedManifest | None = None) -> Iterator[RestoreStats]:
     """Serve the traced loads of the start-up run inside this context from the
     template: from `source` (a holder's AttachedBuffer) or from the files, which are
-    then checked as `verify` says ("full" by default, "quick" opt-in)."""
+    then checked as `verify` says ("full" by default, "quick" opt-in). `checked`: see
+    :func:`check_template`."""
     template_dir = Path(template_dir)
     stats = RestoreStats(template=str(template_dir))
     started = time.perf_counter()
     try:
-        manifest = check_template(template_dir, function_dir, source, verify)
+        manifest = check_template(template_dir, function_dir, source, verify, checked)
     except Exception as exc:  # noqa: BLE001 - any doubt about the template: ordinary start
         stats.check_s = time.perf_counter() - started
         stats.rejected = str(exc)

@@ -226,3 +226,32 @@ def test_a_load_that_cannot_be_served_falls_back(tmp_path: Path) -> None:
     assert "no-such-device" in stats.miss_reasons[0]
     for name, tensor in expected.items():
         assert torch.equal(served[name], tensor)
+
+
+def test_a_manifest_checked_by_a_parent_is_used_while_the_file_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fwatchdog.template_cache import restore as restore_module
+    from fwatchdog.template_cache.verify import read_checked
+
+    function_dir = _function(tmp_path)
+    template, _ = _trace(function_dir, tmp_path / "t")
+    checked = read_checked(template)
+    reads: list[Path] = []
+    real = restore_module.read_manifest
+    monkeypatch.setattr(restore_module, "read_manifest",
+                        lambda path: reads.append(path) or real(path))
+    expected = _loads(function_dir)
+    with restore(template, function_dir, checked=checked) as stats:
+        served = _loads(function_dir)
+    assert stats.used and stats.hits == 3 and not reads  # no second parse or validation
+    assert all(torch.equal(served[k], v) for k, v in expected.items())
+    # The file changed since the parent read it: it is read and checked again, and
+    # what it says now is what counts.
+    manifest = template / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["format_version"] = 0
+    manifest.write_text(json.dumps(raw))
+    with restore(template, function_dir, checked=checked) as stats:
+        _loads(function_dir)
+    assert reads == [template] and not stats.used
+    assert "format_version" in str(stats.rejected)

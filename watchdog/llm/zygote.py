@@ -6,7 +6,9 @@ It imports the module set the trace recorded (``trace.imports`` of the template'
 manifest: torch, transformers, the model's own modules loaded lazily, ...), plus the
 runtime's handler side (restore, the handler server), but not ``function.handler``,
 whose import is the function's start-up and runs in each handler, inside the
-template restore. Then it freezes the heap (``gc.freeze()``, so forked children
+template restore. It reads and checks the template's manifest once
+(``template_cache.verify.read_checked``), so a handler only compares the file's
+digest with it. Then it freezes the heap (``gc.freeze()``, so forked children
 share its pages instead of copying them on the first collection) and waits for
 ``fork`` requests from the front.
 
@@ -108,6 +110,7 @@ class Zygote:
         self.template_dir = template_dir
         self.function_dir = function_dir
         self.children: set[int] = set()
+        self.checked: Any = None  # the manifest, read and checked once for every child
 
     def prepare(self) -> None:
         set_title("fwatchdog: zygote importing")
@@ -125,6 +128,12 @@ class Zygote:
         seconds = time.perf_counter() - started
         for item in failed:
             LOG.info("zygote_import_failed module=%s error=%s", item["module"], item["error"])
+        try:
+            from fwatchdog.template_cache.verify import read_checked
+
+            self.checked = read_checked(self.template_dir)
+        except Exception as exc:  # noqa: BLE001 - each handler reads it and says why
+            LOG.info("zygote_manifest_unread reason=%r", str(exc))
         gc.collect()
         gc.freeze()
         set_title("fwatchdog: zygote")
@@ -214,7 +223,7 @@ class Zygote:
                 os.close(control_fd)
                 from fwatchdog.llm import handler
 
-                code = handler.main(spec, self.template_dir, self.function_dir)
+                code = handler.main(spec, self.template_dir, self.function_dir, self.checked)
             except BaseException:  # noqa: BLE001 - a child must never return here
                 import traceback
 
