@@ -1,9 +1,12 @@
 """Install and remove loader interception: one context manager, no global state.
 
-The four loaders are replaced by thin wrappers that call a `LoaderHooks` object:
-transformers `PreTrainedModel.from_pretrained`, `safetensors.torch.load_file`,
-`safetensors.safe_open` and `torch.load`. The tracer passes hooks that record; the
-restore library passes hooks that serve tensors from a template.
+The four weight loaders are replaced by thin wrappers that call a `LoaderHooks`
+object: transformers `PreTrainedModel.from_pretrained`, `safetensors.torch.load_file`,
+`safetensors.safe_open` and `torch.load`; so is transformers'
+`PreTrainedTokenizerBase.from_pretrained`, which loads no tensors but whose object a
+parent process can build ahead (`prebuild.py`). The tracer passes hooks that record;
+the restore library passes hooks that serve tensors (and prebuilt objects) from a
+template.
 
 Invariants:
 - Leaving the context (normally or by an exception) puts back exactly the objects
@@ -43,6 +46,7 @@ class Loader(str, Enum):
     LOAD_FILE = "load_file"
     SAFE_OPEN = "safe_open"
     TORCH_LOAD = "torch_load"
+    TOKENIZER = "tokenizer"  # no tensors: recorded for prebuild.py
 
 
 class LoaderHooks(Protocol):
@@ -117,6 +121,7 @@ DEVICE_ARGUMENTS: dict[Loader, tuple[str, int | None]] = {
     Loader.LOAD_FILE: ("device", 1),
     Loader.SAFE_OPEN: ("device", 2),
     Loader.TORCH_LOAD: ("map_location", 1),
+    Loader.TOKENIZER: ("", None),  # a tokenizer has no device argument
 }
 # device_map strategies that place every tensor on one device when one GPU is visible.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -238,6 +243,10 @@ def intercept_loaders(hooks: LoaderHooks) -> Iterator[None]:
         if modeling_utils is not None:
             _replace(stack, modeling_utils.PreTrainedModel, "from_pretrained",
                      Loader.FROM_PRETRAINED, guarded, classmethod_=True)
+        tokenization = _optional("transformers.tokenization_utils_base")
+        if tokenization is not None:
+            _replace(stack, tokenization.PreTrainedTokenizerBase, "from_pretrained",
+                     Loader.TOKENIZER, guarded, classmethod_=True)
         yield
 
 

@@ -56,6 +56,7 @@ from fwatchdog.template_cache.intercept import (
     single_device,
 )
 from fwatchdog.template_cache.module_state import apply_attributes
+from fwatchdog.template_cache.prebuild import Prebuilt
 from fwatchdog.template_cache.stream import Verify, check_files
 from fwatchdog.template_cache.tensors import view_tensor
 from fwatchdog.template_cache.verify import CheckedManifest, read_manifest, structure_problems
@@ -104,6 +105,7 @@ class RestoreStats:
     misses: int = 0
     skipped: int = 0  # loads the trace listed in skipped_loads (dynamic, unservable)
     tensors_served: int = 0
+    prebuilt: int = 0  # objects a parent built ahead, handed to the start-up (prebuild.py)
     check_s: float = 0.0  # manifest, fingerprint and file hashes
     served_s: float = 0.0  # inside served loads (model skeleton, views)
     miss_reasons: list[str] = field(default_factory=list)
@@ -175,12 +177,13 @@ def check_template(template_dir: Path, function_dir: Path | None,
 
 @contextmanager
 def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | None = None,
-            verify: bool | str = True,
-            checked: CheckedManifest | None = None) -> Iterator[RestoreStats]:
+            verify: bool | str = True, checked: CheckedManifest | None = None,
+            prebuilt: Prebuilt | None = None) -> Iterator[RestoreStats]:
     """Serve the traced loads of the start-up run inside this context from the
     template: from `source` (a holder's AttachedBuffer) or from the files, which are
     then checked as `verify` says ("full" by default, "quick" opt-in). `checked`: see
-    :func:`check_template`."""
+    :func:`check_template`. `prebuilt`: objects a parent process built for the
+    start-up's tokenizer calls (prebuild.py), handed out once each."""
     template_dir = Path(template_dir)
     stats = RestoreStats(template=str(template_dir))
     started = time.perf_counter()
@@ -200,7 +203,7 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
             source = MappedFiles(manifest, template_dir, function_dir,
                                  manifest_sha256(template_dir))
             stack.callback(source.close)
-        server = _Server(manifest, source, Path(function_dir), stats)
+        server = _Server(manifest, source, Path(function_dir), stats, prebuilt)
         stack.enter_context(intercept_loaders(server))
         try:
             yield stats
@@ -210,8 +213,9 @@ def restore(template_dir: Path, function_dir: Path, *, source: TensorSource | No
 
 def _log_done(stats: RestoreStats) -> None:
     LOG.info("template_restore_done template=%s used=%s hits=%d misses=%d skipped=%d"
-             " tensors=%d check_s=%.3f served_s=%.3f", stats.template, stats.used, stats.hits,
-             stats.misses, stats.skipped, stats.tensors_served, stats.check_s, stats.served_s)
+             " tensors=%d prebuilt=%d check_s=%.3f served_s=%.3f", stats.template, stats.used,
+             stats.hits, stats.misses, stats.skipped, stats.tensors_served, stats.prebuilt,
+             stats.check_s, stats.served_s)
 
 
 class _Miss(Exception):
@@ -220,7 +224,8 @@ class _Miss(Exception):
 
 class _Server:
     def __init__(self, manifest: Manifest, source: TensorSource, function_dir: Path,
-                 stats: RestoreStats) -> None:
+                 stats: RestoreStats, prebuilt: Prebuilt | None = None) -> None:
+        self._prebuilt = prebuilt
         self._entries = manifest.tensor_map()
         self._loads = {load["key"]: load for load in manifest.raw["loads"]}
         self._skipped = {s["key"]: s["reason"] for s in manifest.raw["skipped_loads"]}
@@ -231,6 +236,13 @@ class _Server:
     def handle(self, loader: Loader, original: Callable[..., Any], owner: Any,
                args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key, reason = call_key(loader, owner, args, kwargs, self._function_dir)
+        if loader is Loader.TOKENIZER:  # no tensors: an object built ahead, or the call
+            obj = self._prebuilt.take(key) if self._prebuilt is not None else None
+            if obj is None:
+                return original(*args, **kwargs)
+            self._stats.prebuilt += 1
+            LOG.info("template_prebuilt_served key=%s", key)
+            return obj
         load = self._loads.get(key) if key else None
         if load is None:
             if key in self._skipped:

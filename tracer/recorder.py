@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fwatchdog.template_cache import prebuild
 from fwatchdog.template_cache.intercept import Loader, call_key
 from fwatchdog.template_cache.module_state import attribute_diff
 from fwatchdog.template_cache.restore import build_skeleton
@@ -68,10 +69,18 @@ class Recorder:
     keep_bytes: bool = True
     loads: list[LoadRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Tokenizer calls a parent process can repeat (template_cache.prebuild).
+    prebuild: list[dict[str, Any]] = field(default_factory=list)
 
     def handle(self, loader: Loader, original: Callable[..., Any], owner: Any,
                args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key, reason = call_key(loader, owner, args, kwargs, self.function_dir)
+        if loader is Loader.TOKENIZER:
+            result = original(*args, **kwargs)
+            item = prebuild.entry(owner, args, kwargs, key, self.function_dir) if key else None
+            if item is not None and all(p["key"] != key for p in self.prebuild):
+                self.prebuild.append(item)
+            return result
         if loader is Loader.SAFE_OPEN:
             handle = original(*args, **kwargs)
             if key is None:

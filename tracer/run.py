@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory": observe.peak_memory(),
         "warmup": observe.warmup_plan((s.to_json() for s in samples), max_context),
         "imports": [],
+        "prebuild": recorder.prebuild,
     }
     build.write_template(recorder, out, function_dir, fingerprint.current(function_dir),
                          compare, watch.first_use, trace)

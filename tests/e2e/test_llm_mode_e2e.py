@@ -112,6 +112,9 @@ def test_the_weights_came_from_the_template(served: LlmFunction, client: openai.
     log = served.log()
     assert "event=holder_ready" in log and "event=zygote_ready" in log
     assert "template=used" in log
+    # The zygote built the tokenizer ahead; the handler's start-up got it.
+    assert "zygote_prebuilt objects=1" in log and "template_prebuilt_served" in log
+    assert "prebuilt=1" in log
 
 
 def test_the_handler_was_warmed_before_it_was_ready(served: LlmFunction) -> None:

@@ -6,7 +6,8 @@ and shown in its process title (``fwatchdog: handler <state>``):
 1. ``attaching``: connect to the holder, check the buffer is the template's, and map
    it (CUDA IPC or shared memory). On a GPU this creates the process's CUDA context.
 2. ``restoring``: import ``function.handler`` inside ``template_cache.restore`` (with
-   the manifest the zygote already read and checked, when the file is unchanged), so
+   the manifest the zygote already read and checked, when the file is unchanged, and
+   the tokenizers it built ahead), so
    the function's unmodified start-up gets its traced loads served from the buffer
    (an untraced load runs normally and is counted as a miss). Without a usable
    template the start-up runs the ordinary way.
@@ -219,10 +220,12 @@ def gc_and_empty_cache() -> None:
 
 
 def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
-         report: Reporter, checked: Any = None) -> tuple[Any, dict[str, Any], Weights | None]:
+         report: Reporter, checked: Any = None,
+         prebuilt: Any = None) -> tuple[Any, dict[str, Any], Weights | None]:
     """Steps 1-2 of the module docstring; returns (function module, listening report,
     the mapped weights when the template served them). `checked`: the manifest as the
-    zygote read and checked it (``template_cache.verify.CheckedManifest``), or None."""
+    zygote read and checked it (``template_cache.verify.CheckedManifest``), or None;
+    `prebuilt`: the objects it built ahead (``template_cache.prebuild.Prebuilt``)."""
     from fwatchdog.template_cache.restore import restore
     from fwatchdog.tracer.function import import_handler
 
@@ -243,10 +246,12 @@ def boot(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     report.state("restoring")
     started = time.perf_counter()
     if source is not None:
-        with restore(template_dir, function_dir, source=source, checked=checked) as restored:
+        with restore(template_dir, function_dir, source=source, checked=checked,
+                     prebuilt=prebuilt) as restored:
             module = import_handler(function_dir)
         stats.update(used=restored.used, rejected=restored.rejected, hits=restored.hits,
                      misses=restored.misses, skipped=restored.skipped,
+                     prebuilt=restored.prebuilt,
                      miss_reasons=restored.miss_reasons[:10])
         if restored.used:
             weights = Weights(source, list(restored.shared_tensors))
@@ -303,7 +308,7 @@ class WarmUp:
 
 
 def main(spec: dict[str, Any], template_dir: Path, function_dir: Path,
-         checked: Any = None) -> int:
+         checked: Any = None, prebuilt: Any = None) -> int:
     """The forked child's whole life; the zygote passes the return value to _exit."""
     os.setsid()  # its own process group: a kill reaches whatever the function started
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -316,7 +321,8 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path,
     set_title("fwatchdog: handler starting")
     report = Reporter(spec["front"], int(spec["id"]))
     try:
-        module, ready, weights = boot(spec, template_dir, function_dir, report, checked)
+        module, ready, weights = boot(spec, template_dir, function_dir, report, checked,
+                                      prebuilt)
         from fwatchdog.llm import handler_server
 
         config = handler_server.Config.from_env(os.environ)

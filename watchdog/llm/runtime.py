@@ -543,6 +543,7 @@ class Runtime:
         self.log.info(kv("handler_listening", id=h.id, pid=h.pid, seconds=round(seconds, 3),
                          template="used" if template.get("used") else "not used",
                          hits=template.get("hits"), misses=template.get("misses"),
+                         prebuilt=template.get("prebuilt"),
                          rejected=template.get("rejected"), phases=message.get("phases")))
 
     def _ready(self, h: Handler, message: dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ runtime's handler side (restore, the handler server), but not ``function.handler
 whose import is the function's start-up and runs in each handler, inside the
 template restore. It reads and checks the template's manifest once
 (``template_cache.verify.read_checked``), so a handler only compares the file's
-digest with it. Then it freezes the heap (``gc.freeze()``, so forked children
+digest with it, and makes the start-up's tokenizer calls the trace recorded
+(``trace.prebuild``, ``template_cache.prebuild``), so each handler's start-up gets
+its tokenizer already built. Then it freezes the heap (``gc.freeze()``, so forked children
 share its pages instead of copying them on the first collection) and waits for
 ``fork`` requests from the front.
 
@@ -111,6 +113,7 @@ class Zygote:
         self.function_dir = function_dir
         self.children: set[int] = set()
         self.checked: Any = None  # the manifest, read and checked once for every child
+        self.prebuilt: Any = None  # template_cache.prebuild.Prebuilt
 
     def prepare(self) -> None:
         set_title("fwatchdog: zygote importing")
@@ -134,6 +137,15 @@ class Zygote:
             self.checked = read_checked(self.template_dir)
         except Exception as exc:  # noqa: BLE001 - each handler reads it and says why
             LOG.info("zygote_manifest_unread reason=%r", str(exc))
+        if self.checked is not None:
+            from fwatchdog.template_cache import prebuild
+
+            trace = self.checked.manifest.raw.get("trace")
+            self.prebuilt = prebuild.build(
+                trace.get("prebuild", []) if isinstance(trace, dict) else [],
+                self.function_dir)
+            LOG.info("zygote_prebuilt objects=%d seconds=%.3f", len(self.prebuilt.objects),
+                     self.prebuilt.seconds)
         gc.collect()
         gc.freeze()
         set_title("fwatchdog: zygote")
@@ -223,7 +235,8 @@ class Zygote:
                 os.close(control_fd)
                 from fwatchdog.llm import handler
 
-                code = handler.main(spec, self.template_dir, self.function_dir, self.checked)
+                code = handler.main(spec, self.template_dir, self.function_dir, self.checked,
+                                    self.prebuilt)
             except BaseException:  # noqa: BLE001 - a child must never return here
                 import traceback
 
