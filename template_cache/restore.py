@@ -152,7 +152,9 @@ def check_template(template_dir: Path, function_dir: Path | None,
     (a holder's buffer) needs no check of the files. `checked`: the manifest as a
     parent process already read and checked it, used when the file's bytes still have
     its digest (otherwise the file is read and checked again)."""
-    if checked is not None and checked.sha256 == manifest_sha256(template_dir):
+    digest = (manifest_sha256(template_dir)
+              if checked is not None or source is not None else None)
+    if checked is not None and checked.sha256 == digest:
         manifest = checked.manifest
     else:
         manifest = read_manifest(template_dir)
@@ -164,7 +166,7 @@ def check_template(template_dir: Path, function_dir: Path | None,
     if differences:
         raise TemplateError("fingerprint differs: " + "; ".join(differences))
     if source is not None:
-        if source.manifest_sha256 != manifest_sha256(template_dir):
+        if source.manifest_sha256 != digest:
             raise TemplateError("the attached buffer holds another template")
         if source.verified:
             return manifest

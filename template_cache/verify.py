@@ -132,7 +132,8 @@ class CheckedManifest:
     """A manifest that passed :func:`read_manifest`'s checks, with the SHA-256 of its
     bytes. A process that checked it once (mode=llm's zygote) hands it to the children
     it forks, which then only compare the file's digest instead of parsing and
-    validating it again (a quarter of a second for an 8B model's manifest)."""
+    validating it again (0.13 - 0.16 s of a forked handler's start for a 1B model's
+    manifest on a 2-core machine, most of it building the JSON-schema validator)."""
 
     sha256: str
     manifest: Manifest

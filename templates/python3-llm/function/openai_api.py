@@ -54,6 +54,7 @@ from .generation import Generation, SamplingParams
 LOG = logging.getLogger("openai_api")
 
 MAX_STOP_SEQUENCES = 4
+HTTP_THREADS = 32  # the handler server's default http_threads
 
 
 # ---------------------------------------------------------------- configuration
@@ -86,30 +87,23 @@ class ServerConfig:
         ask for (``gpt-4o,gpt-4o-mini``), or ``*`` for any name."""
         errors: list[str] = []
 
-        def positive_int(name: str, default: int | None) -> int | None:
+        def whole(name: str, default: int | None, minimum: int = 1) -> int | None:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
             try:
                 value = int(raw)
             except ValueError:
-                value = 0
-            if value < 1:
-                errors.append(f"{name}={raw!r} must be a positive integer")
+                value = minimum - 1
+            if value < minimum:
+                errors.append(f"{name}={raw!r} must be a positive integer" if minimum == 1
+                              else f"{name}={raw!r} must be a whole number >= {minimum}")
                 return default
             return value
 
-        max_concurrent = positive_int("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
-        max_queued = cls.max_queued
-        raw = env.get("MAX_QUEUED_GENERATIONS", "").strip()
-        if raw:
-            try:
-                max_queued = int(raw)
-            except ValueError:
-                max_queued = -1
-            if max_queued < 0:
-                errors.append(f"MAX_QUEUED_GENERATIONS={raw!r} must be a whole number >= 0")
-                max_queued = cls.max_queued
+        max_concurrent = whole("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
+        max_queued = whole("MAX_QUEUED_GENERATIONS", cls.max_queued, minimum=0)
+        assert max_queued is not None
         max_queue_wait = cls.max_queue_wait
         raw = env.get("MAX_QUEUE_WAIT", "").strip()
         if raw:
@@ -121,13 +115,14 @@ class ServerConfig:
                 errors.append(f"MAX_QUEUE_WAIT={raw!r} must be seconds >= 0 (30 or 30s)")
                 max_queue_wait = cls.max_queue_wait
         threads_raw = env.get("http_threads", "").strip()
-        threads = int(threads_raw) if threads_raw.isdigit() else 32
+        # handler_server.Config's own default; a bad value is that server's error to give.
+        threads = int(threads_raw) if threads_raw.isdigit() else HTTP_THREADS
         if max_concurrent is not None and max_concurrent + max_queued > threads:
             errors.append(f"MAX_CONCURRENT_GENERATIONS + MAX_QUEUED_GENERATIONS = "
                           f"{max_concurrent + max_queued} exceeds http_threads={threads}: "
                           "each running or waiting request holds a thread")
-        default_max_tokens = positive_int("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
-        max_context = positive_int("MAX_MODEL_LEN", None)
+        default_max_tokens = whole("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
+        max_context = whole("MAX_MODEL_LEN", None)
         names = [n.strip() for n in env.get("MODEL_ALIASES", "").split(",")]
         names = [n for n in names if n]
         any_model = "*" in names
