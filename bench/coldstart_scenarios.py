@@ -73,20 +73,22 @@ def breakdown(inst: Instance, stream: client.Stream, info: dict[str, Any]) -> di
     """The cold start cut into consecutive parts that add up to the TTFT."""
     assert stream.ttft_s is not None
     listening = inst.marks.get("listening", stream.sent_s)
-    parts: dict[str, float] = {"front": listening}
     if inst.system == "baseline":
+        parts: dict[str, float] = {"front": listening}
         ready = inst.marks.get("upstream_ready", listening)
         parts["function_start"] = max(0.0, ready - listening)
     else:
+        # The zygote is spawned before the front's own imports and listeners
+        # (fwatchdog.llm.spawn): "front" is the time until it was spawned.
+        parts = {"front": inst.marks.get("zygote_spawned", listening)}
         ph = info["phases"]
-        ready = listening
         # A cold start's request is answered by the first handler that listens
-        # (its warm-up runs after): zygote imports, then the handler's start-up.
+        # (its warm-up runs after): zygote imports and preparation, then the
+        # handler's start-up.
         start = "handler_listen" if "handler_listen" in ph else "handler_start"
-        for name in ("zygote_import", start):
+        for name in ("zygote_import", "zygote_prepare", start):
             if name in ph:
                 parts[name] = ph[name]["sum"]
-                ready += ph[name]["sum"]
     parts["first_token"] = max(0.0, stream.ttft_s - sum(parts.values()))
     return parts
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {"front": "#bbbbbb", "function_start": "#d62728", "zygote_import": "#17becf",
+          "zygote_prepare": "#9edae5",
           "handler_start": "#2ca02c", "handler_listen": "#2ca02c", "first_token": "#e377c2",
           "imports": "#1f77b4",
           "imports (sklearn+pandas)": "#aec7e8", "cuda_context": "#ff7f0e",

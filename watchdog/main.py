@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
+
+    from fwatchdog.config import Config
 
 USAGE = """Usage of fwatchdog:
   -run-healthcheck
@@ -81,12 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from fwatchdog import logs
-    from fwatchdog.server import serve
 
     log = logs.setup(sys.stderr)
     log.info(logs.kv("version", version=__version__))
-    code: int = uvloop.run(serve(config, log=log, stdout=sys.stdout, stderr=sys.stderr))
+    code: int = uvloop.run(_serve(config, log))
     return code
+
+
+async def _serve(config: Config, log: logging.Logger) -> int:
+    # mode=llm: the zygote's imports are most of a cold start, so it is spawned
+    # before the front's own imports (fwatchdog.llm.spawn), which then overlap it.
+    from fwatchdog.config import Mode
+
+    prespawned = None
+    if config.mode is Mode.LLM:
+        from fwatchdog.llm import spawn
+
+        prespawned = await spawn.early(config, log)
+    from fwatchdog.server import serve
+
+    return await serve(config, log=log, stdout=sys.stdout, stderr=sys.stderr,
+                       prespawned=prespawned)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class Watchdog:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.perf_counter,
         mode_class: type[ModeHandler] | None = None,
+        prespawned: object | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -116,7 +117,8 @@ class Watchdog:
         self.metrics = HttpMetrics(self.registry)
         self.signals = SignalRecorder(on_quit=self._dump_stacks)
         self.ctx = ModeContext(config=config, log=log, stdout=stdout, stderr=stderr,
-                               forced=self.signals.forced, registry=self.registry)
+                               forced=self.signals.forced, registry=self.registry,
+                               prespawned=prespawned)
         self.mode = (mode_class or load_mode(config.mode))(self.ctx)
         self._stderr = stderr
         self.accounting = Accounting(
@@ -490,5 +492,7 @@ class Watchdog:
         return waits[next(iter(done))]
 
 
-async def serve(config: Config, *, log: logging.Logger, stdout: TextIO, stderr: TextIO) -> int:
-    return await Watchdog(config, log=log, stdout=stdout, stderr=stderr).run()
+async def serve(config: Config, *, log: logging.Logger, stdout: TextIO, stderr: TextIO,
+                prespawned: object | None = None) -> int:
+    return await Watchdog(config, log=log, stdout=stdout, stderr=stderr,
+                          prespawned=prespawned).run()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -198,7 +199,36 @@ def test_processes_have_titles_and_handlers_are_forked_from_the_zygote(
     assert tree[holder][0] == wd.proc.pid and tree[zygote][0] == wd.proc.pid
     for pid in titled(wd, "fwatchdog: handler"):
         assert tree[pid][0] == zygote
-    assert "cuda_initialized=False" in wd.text()
+    log = wd.text()
+    assert "cuda_initialized=False" in log
+    # Spawned by the entry point before the front's imports, then adopted.
+    for name, pid in (("zygote", zygote), ("holder", holder)):
+        assert f"event={name}_spawned pid={pid} early=True" in log, log[:3000]
+        assert log.index(f"event={name}_spawned") < log.index("event=listening"), log[:3000]
+
+
+def test_a_front_that_cannot_listen_ends_the_processes_it_spawned_early(
+        watchdog_factory: Callable[..., Watchdog], traced: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """The zygote and the holder start before the front binds its port; a port in use
+    still ends in exit 1 with nothing left running and the runtime's folder gone."""
+    function_dir, template = traced
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        wd = watchdog_factory({"mode": "llm", "function_dir": str(function_dir),
+                               "template_dir": str(template), "port": str(port),
+                               "healthcheck_interval": "0s"})
+        assert wd.proc.wait(60) == 1, wd.text()
+    log = wd.text()
+    assert "event=listen_failed" in log, log
+    spawned = [int(m) for m in re.findall(r"event=(?:zygote|holder)_spawned pid=(\d+) early=True",
+                                          log)]
+    assert len(spawned) == 2, log
+    wait_until(lambda: not any(alive(pid) for pid in spawned), timeout=15,
+               what="the early zygote and holder to end")
+    assert not list((wd.tmpdir).glob("fwatchdog-llm-*")), log
 
 
 def test_the_template_serves_the_weights_and_the_answer_is_unchanged(

@@ -6,7 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from fwatchdog.llm.runtime import MAX_SOCKET_PATH, runtime_dir
+from fwatchdog.llm.runtime import runtime_dir
+from fwatchdog.llm.spawn import MAX_SOCKET_PATH
 
 
 def test_it_is_made_under_tmpdir_owner_only(tmp_path: Path) -> None:

@@ -57,17 +57,14 @@ import os
 import random
 import shutil
 import signal
-import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 from fwatchdog.config import Config
-from fwatchdog.llm import wire
+from fwatchdog.llm import spawn, wire
 from fwatchdog.llm.metrics import LlmMetrics, rejection_class
 from fwatchdog.logpump import pump
 from fwatchdog.logs import kv
@@ -78,26 +75,15 @@ BACKOFF_MAX = 60.0
 STOP_GRACE = 10.0
 
 
-# A Unix socket path holds at most 107 bytes on Linux; the runtime's longest name in
-# its folder is "h<id>.sock" with a id of up to 9 digits.
-MAX_SOCKET_PATH = 107
-LONGEST_NAME = len("/h123456789.sock")
-
-
 def runtime_dir(base: str) -> str:
-    """A new owner-only folder for the runtime's sockets: under ``base`` (TMPDIR) when
-    the socket paths fit there, else under /tmp; StartError when neither fits."""
+    """A new owner-only folder for the runtime's sockets (:func:`spawn.runtime_dir`);
+    StartError when no folder fits."""
     from fwatchdog.modes.base import StartError
 
-    for candidate in (base, "/tmp"):
-        # mkdtemp adds "fwatchdog-llm-" and 8 characters.
-        if len(candidate.rstrip("/")) + len("/fwatchdog-llm-12345678") + LONGEST_NAME \
-                <= MAX_SOCKET_PATH and os.path.isdir(candidate):
-            path = tempfile.mkdtemp(prefix="fwatchdog-llm-", dir=candidate)
-            os.chmod(path, 0o700)  # the sockets in here hand out the model and the function
-            return path
-    raise StartError(f"TMPDIR={base!r} is too long for Unix socket paths "
-                     f"({MAX_SOCKET_PATH} bytes) and /tmp is not there")
+    try:
+        return spawn.runtime_dir(base)
+    except spawn.RuntimeDirError as exc:
+        raise StartError(str(exc)) from None
 
 
 class NotReady(Exception):
@@ -168,7 +154,8 @@ class Child:
 class Runtime:
     def __init__(self, config: Config, *, log: logging.Logger, metrics: LlmMetrics | None,
                  stdout: TextIO, stderr: TextIO, children: set[int],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 early: spawn.Early | None = None) -> None:
         self.cfg = config
         self.log = log
         self.metrics = metrics
@@ -202,6 +189,13 @@ class Runtime:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._backoff_check: asyncio.TimerHandle | None = None
         self._manage_scheduled = False
+        # Spawned by the entry point before the front existed (fwatchdog.llm.spawn):
+        # adopted by start(), or stopped by stop() if start() never ran.
+        self._early = early
+        if early is not None:
+            for spawned in (early.zygote, early.holder):
+                if spawned is not None:
+                    children.add(spawned.proc.pid)
 
     # -- paths ---------------------------------------------------------------
 
@@ -224,18 +218,28 @@ class Runtime:
     # -- start and stop ----------------------------------------------------------
 
     async def start(self) -> None:
-        self.dir = runtime_dir(self.cfg.tmpdir or tempfile.gettempdir())
+        early, self._early = self._early, None
+        self.dir = early.dir if early is not None else runtime_dir(
+            self.cfg.tmpdir or tempfile.gettempdir())
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._on_handler, self.front_socket)
         finally:
             os.umask(old)
-        manifest = Path(self.cfg.template_dir) / "manifest.json"
-        if manifest.is_file():
-            await self._spawn_holder()
+        if early is not None:
+            self.zygote = self._adopt(early.zygote)
+            if early.holder is not None:
+                self.holder_settled = False
+                self.holder = self._adopt(early.holder)
+                self.holder_pid = self.holder.proc.pid
+            else:
+                self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
         else:
-            self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
-        await self._spawn_zygote()
+            if spawn.has_template(self.cfg):
+                await self._spawn_holder()
+            else:
+                self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
+            await self._spawn_zygote()
         self._arm_idle_timer()
 
     def _no_template(self, reason: str) -> None:
@@ -246,6 +250,14 @@ class Runtime:
 
     async def stop(self) -> None:
         self.stopping = True
+        early, self._early = self._early, None
+        if early is not None:  # start() never ran: nothing but these exists
+            for spawned in (early.zygote, early.holder):
+                if spawned is not None:
+                    await spawn.stop(spawned, STOP_GRACE)
+                    self.children.discard(spawned.proc.pid)
+            shutil.rmtree(early.dir, ignore_errors=True)
+            return
         for timer in self._timers:
             timer.cancel()
         for pending in (self._idle_timer, self._backoff_check):
@@ -293,20 +305,14 @@ class Runtime:
     # -- spawning the holder and the zygote ----------------------------------------
 
     async def _spawn(self, name: str, module: str, args: list[str]) -> Child:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", module, "--control-fd", str(theirs.fileno()), *args,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),), env=env,
-                start_new_session=True)
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        child = Child(name, proc, reader, writer)
+        child = self._adopt(await spawn.spawn(name, module, args))
+        self.log.info(kv(f"{name}_spawned", pid=child.proc.pid))
+        return child
+
+    def _adopt(self, spawned: spawn.Spawned) -> Child:
+        """Watch a spawned process: its output, its control channel, its exit."""
+        proc = spawned.proc
+        child = Child(spawned.name, proc, spawned.reader, spawned.writer)
         self.children.add(proc.pid)
         loop = asyncio.get_running_loop()
         assert proc.stdout is not None and proc.stderr is not None
@@ -317,20 +323,17 @@ class Runtime:
                                   limit=self.cfg.log_buffer_size)),
             loop.create_task(self._read_child(child)),
         ]
-        self.log.info(kv(f"{name}_spawned", pid=proc.pid))
         return child
 
     async def _spawn_holder(self) -> None:
         self.holder_settled = False
-        self.holder = await self._spawn("holder", "fwatchdog.llm.holder", [
-            "--socket", self.holder_socket, "--template", self.cfg.template_dir,
-            "--function", self.cfg.function_dir, "--device", self.cfg.llm_device,
-            "--verify", self.cfg.llm_template_verify])
+        self.holder = await self._spawn("holder", "fwatchdog.llm.holder",
+                                        spawn.holder_args(self.cfg, self.dir))
         self.holder_pid = self.holder.proc.pid
 
     async def _spawn_zygote(self) -> None:
-        self.zygote = await self._spawn("zygote", "fwatchdog.llm.zygote", [
-            "--template", self.cfg.template_dir, "--function", self.cfg.function_dir])
+        self.zygote = await self._spawn("zygote", "fwatchdog.llm.zygote",
+                                        spawn.zygote_args(self.cfg))
 
     async def _read_child(self, child: Child) -> None:
         started = self.clock()
@@ -390,6 +393,8 @@ class Runtime:
             self.respawn_backoff["zygote"] = 0.0
             seconds = float(message.get("seconds", self.clock() - started))
             self._phase("zygote_import", seconds)
+            if "prepare_seconds" in message:
+                self._phase("zygote_prepare", float(message["prepare_seconds"]))
             if message.get("cuda_initialized"):
                 self.log.info(kv("zygote_cuda_initialized", action="handlers cannot be forked"))
             self.log.info(kv("zygote_ready", pid=child.proc.pid, seconds=round(seconds, 3),

@@ -15,7 +15,9 @@ share its pages instead of copying them on the first collection) and waits for
 ``fork`` requests from the front.
 
 Control channel (inherited socket, wire frames) with the front:
-- zygote -> front: ``imported`` {seconds, modules, failed, threads, pid},
+- zygote -> front: ``imported`` {seconds (the imports), prepare_seconds (the
+  manifest's check, the prebuilt objects and the heap's freeze), modules, failed,
+  threads, pid},
   ``forked`` {id, pid}, ``exited`` {pid, code} (negative: killed by that signal).
 - front -> zygote: ``fork`` {id, ...the handler's spec, see fwatchdog.llm.handler}.
 
@@ -128,7 +130,8 @@ class Zygote:
         started = time.perf_counter()
         wanted = list(BASE_MODULES) + traced_modules(self.template_dir)
         loaded, failed = preload(wanted)
-        seconds = time.perf_counter() - started
+        imported = time.perf_counter()
+        seconds = imported - started
         for item in failed:
             LOG.info("zygote_import_failed module=%s error=%s", item["module"], item["error"])
         try:
@@ -148,10 +151,12 @@ class Zygote:
                      self.prebuilt.seconds)
         gc.collect()
         gc.freeze()
+        prepare = time.perf_counter() - imported
         set_title("fwatchdog: zygote")
         LOG.info("zygote_imported modules=%d failed=%d seconds=%.3f", len(loaded), len(failed),
                  seconds)
         wire.send(self.control, {"event": "imported", "seconds": round(seconds, 4),
+                                 "prepare_seconds": round(prepare, 4),
                                  "modules": len(loaded), "failed": failed,
                                  "threads": threading.active_count(),
                                  "cuda_initialized": cuda_initialized(), "pid": os.getpid()})

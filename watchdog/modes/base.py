@@ -124,6 +124,9 @@ class ModeContext:
     forced: asyncio.Event = field(default_factory=asyncio.Event)
     # The watchdog's metrics registry, for a mode's own metrics (mode=llm).
     registry: CollectorRegistry | None = None
+    # Processes the entry point started before the front's imports, for the mode to
+    # adopt (mode=llm's zygote and holder: fwatchdog.llm.spawn.Early); else None.
+    prespawned: object | None = None
 
 
 class ModeHandler(abc.ABC):

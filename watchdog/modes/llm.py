@@ -29,6 +29,7 @@ from aiohttp import web
 
 from fwatchdog.llm.metrics import LlmMetrics
 from fwatchdog.llm.runtime import NotReady, Runtime
+from fwatchdog.llm.spawn import Early
 from fwatchdog.modes.base import STARTED_RESPONSE_KEY, ModeContext
 from fwatchdog.modes.http import INTERNAL, HttpMode
 from fwatchdog.upstream import ConnectFailed
@@ -50,9 +51,10 @@ class LlmMode(HttpMode):
         if ctx.registry is not None:
             metrics = LlmMetrics(ctx.registry, lambda: names["runtime"].process_names())
         self.metrics = metrics
+        early = ctx.prespawned if isinstance(ctx.prespawned, Early) else None
         self.runtime: Runtime = Runtime(ctx.config, log=ctx.log, metrics=metrics,
                                         stdout=ctx.stdout, stderr=ctx.stderr,
-                                        children=ctx.children)
+                                        children=ctx.children, early=early)
         names["runtime"] = self.runtime
 
     async def start(self) -> None:
