@@ -73,6 +73,8 @@ class Floors:
         full = [floors_mod.import_floor(env)["import_s"] for _ in range(b.repeats)]
         slim = [floors_mod.import_floor(env, floors_mod.SLIM)["import_s"]
                 for _ in range(b.repeats)]
+        paused = [floors_mod.import_floor(env, gc_paused=True)["import_s"]
+                  for _ in range(b.repeats)]
         device = floors_mod.device_floor(env, b.layout.model_dir, b.device,
                                          sorted({*b.lengths, sc.COLD_PROMPT}))
         bandwidth = device.get("h2d_pinned_bytes_per_s")
@@ -80,6 +82,7 @@ class Floors:
             import_s=statistics.median(full), import_runs_s=full,
             import_slim_s=statistics.median(slim), import_slim_runs_s=slim,
             slim_share_s=statistics.median(full) - statistics.median(slim),
+            import_gc_paused_s=statistics.median(paused), import_gc_paused_runs_s=paused,
             slim_packages=list(floors_mod.SLIM), weight_bytes=b.weight_bytes,
             weights_s=b.weight_bytes / bandwidth if bandwidth else 0.0, **device)
 
@@ -388,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench.work, ignore_errors=True)
     print(f"{bench.run['model']} on {bench.gpu} ({args.device}), bytecode compiled: "
           f"{'bytecode' in bench.run}; floors: imports {bench.floors.data['import_s']:.2f} s "
-          f"(sklearn+pandas {bench.floors.data['slim_share_s']:+.2f} s), CUDA context "
+          f"(sklearn+pandas {bench.floors.data['slim_share_s']:+.2f} s; collector paused "
+          f"{bench.floors.data['import_gc_paused_s']:.2f} s), CUDA context "
           f"{bench.floors.data['cuda_context_s']:.2f} s, weights "
           f"{bench.floors.data['weights_s']:.2f} s")
     if bench.run["skipped"]:

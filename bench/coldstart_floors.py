@@ -6,6 +6,9 @@ same run and on the same machine as the figures they bound.
   imports. ``--block sklearn,pandas`` measures it as a slim image would have it:
   those packages are made unimportable (``sys.modules[name] = None``, which
   ``importlib.util.find_spec`` reports as absent), so the difference is their share.
+  ``--gc-paused`` measures the same imports with the cyclic garbage collector paused,
+  as mode=llm's zygote makes them: the floor is the ordinary process's, and this one
+  says how much of it is the collector's.
 - ``device``: in one fresh process, CUDA context creation (``torch.empty`` on the
   device, synchronised), host-to-device bandwidth (1 GiB, pinned and pageable,
   best of 5), then the model loaded the function's way and its steady-state prefill
@@ -41,8 +44,10 @@ def measure(args: list[str], env: dict[str, str], timeout: float = 600) -> dict[
     return result
 
 
-def import_floor(env: dict[str, str], block: tuple[str, ...] = ()) -> dict[str, Any]:
-    return measure(["import", "--block", ",".join(block)], env)
+def import_floor(env: dict[str, str], block: tuple[str, ...] = (),
+                 gc_paused: bool = False) -> dict[str, Any]:
+    return measure(["import", "--block", ",".join(block), *(["--gc-paused"] if gc_paused else [])],
+                   env)
 
 
 def device_floor(env: dict[str, str], model_dir: Path, device: str,
@@ -63,8 +68,12 @@ def read_bytes_s(files: list[Path], chunk: int = 16 << 20) -> float:
 # ---------------------------------------------------------------- in the child
 
 
-def _import(block: list[str]) -> dict[str, Any]:
+def _import(block: list[str], gc_paused: bool = False) -> dict[str, Any]:
     spawned = float(os.environ["FWATCHDOG_BENCH_SPAWNED"])
+    if gc_paused:
+        import gc
+
+        gc.disable()
     for name in block:
         sys.modules[name] = None  # type: ignore[assignment]
     import torch  # noqa: F401
@@ -142,13 +151,14 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     imp = sub.add_parser("import")
     imp.add_argument("--block", default="")
+    imp.add_argument("--gc-paused", action="store_true")
     dev = sub.add_parser("device")
     dev.add_argument("model_dir", type=Path)
     dev.add_argument("--device", default="cpu")
     dev.add_argument("--lengths", default="7")
     args = parser.parse_args(argv)
     if args.what == "import":
-        result = _import([b for b in args.block.split(",") if b])
+        result = _import([b for b in args.block.split(",") if b], args.gc_paused)
     else:
         result = _device(args.model_dir, args.device, [int(n) for n in args.lengths.split(",")])
     sys.stdout.write(json.dumps(result) + "\n")

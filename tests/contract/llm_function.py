@@ -11,7 +11,8 @@ template serves) and answers on paths that exercise the runtime:
 - ``/stream``: server-sent items, one per 50 ms, until the client leaves; it then
   writes ``$LLM_TEST_SIGNALS/stopped-<pid>``;
 - ``/stream-crash``: one item, then the process dies;
-- ``/cuda``: whether this process has initialised CUDA.
+- ``/cuda``: whether this process has initialised CUDA;
+- ``/gc``: whether its cyclic garbage collector runs, and how many objects are frozen.
 
 Start-up waits for ``$LLM_TEST_SIGNALS/go`` when ``LLM_TEST_HOLD_START`` is set, and
 fails when ``LLM_TEST_BOOT_FAIL`` is set, so tests can hold a handler before ready;
@@ -89,6 +90,10 @@ def handle(event, context):
                 "body": _stream(context, path == "/stream-crash")}
     if path == "/cuda":
         return _json({"initialized": torch.cuda.is_initialized(), "pid": os.getpid()})
+    if path == "/gc":
+        import gc
+        return _json({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                      "pid": os.getpid()})
     return _json({"path": path, "pid": os.getpid()})
 '''
 

@@ -264,6 +264,11 @@ def test_handlers_never_initialise_cuda_on_a_cpu_machine(llm: Callable[..., Watc
     wd = llm()
     wait_warm(wd)
     assert get_json(wd, "/cuda")["initialized"] is False
+    # The zygote pauses the collector for its imports and freezes its heap before it
+    # forks: a handler runs with the collector on and the zygote's objects frozen.
+    state = get_json(wd, "/gc")
+    assert state["enabled"] is True, state
+    assert state["frozen"] > 10_000, state
 
 
 # -- isolation and recycling -------------------------------------------------------

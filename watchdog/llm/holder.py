@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import selectors
@@ -114,6 +115,8 @@ class HolderProcess:
             LOG.warning("holder_unavailable reason=%r", str(exc))
             wire.send(self.control, {"event": "unavailable", "reason": str(exc)})
             return 0
+        finally:
+            gc.enable()  # paused since main(), for the imports the load makes
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # A holder that died leaves its socket behind in the runtime's private folder.
         with contextlib.suppress(FileNotFoundError):
@@ -234,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--verify", choices=["full", "quick"], default="full")
     args = parser.parse_args(argv)
+    # The load imports torch, whose full collections on the way would walk every
+    # object imported so far for next to no garbage; on a small machine that is CPU
+    # taken from the zygote's imports beside it. Paused until the load is done.
+    gc.disable()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
