@@ -285,6 +285,27 @@ def test_max_requests_1_gives_every_request_a_fresh_process(
     assert first["pid"] != second["pid"]
     wait_until(lambda: not alive(first["pid"]), timeout=30, what="the used handler to exit")
 
+    # A request takes the spare; the spare's replacement waits for the request in
+    # flight (its CUDA context would slow the request on a GPU), at most 5 s.
+    wait_until(lambda: len(titled(wd, "fwatchdog: handler ready")) == 2, timeout=START,
+               what="a serving handler and a spare")
+    conn = http.client.HTTPConnection("127.0.0.1", wd.port, timeout=60)
+    try:
+        conn.request("GET", "/stream", headers={"Accept": "text/event-stream"})
+        resp = conn.getresponse()
+        assert b"data:" in resp.read1(65536)
+        wait_until(lambda: "event=spare_deferred" in wd.text(), timeout=10,
+                   what="the spare's fork deferred while the stream runs")
+        log = wd.text()
+        assert "event=handler_forking" not in log[log.index("event=spare_deferred"):], log[-3000:]
+        # Still streaming: the bound lets the spare be forked anyway.
+        wait_until(lambda: "event=handler_forking" in wd.text()[
+            wd.text().index("event=spare_deferred"):], timeout=30,
+            what="the deferred spare forked within its bound while the stream runs")
+        assert b"data:" in resp.read1(65536)
+    finally:
+        conn.close()
+
 
 def test_without_recycling_one_handler_keeps_its_state(llm: Callable[..., Watchdog]) -> None:
     wd = llm()

@@ -19,6 +19,11 @@ Pool policy:
 - Handlers start one at a time: two handlers doing their first CUDA work together
   slow each other several-fold, so the next fork waits until the previous handler
   is ready or gone.
+- For the same reason, a handler forked only to be a spare (the serving ones are
+  all there) waits until no request is in flight, for at most
+  :data:`SPARE_DEFER_MAX` seconds: with ``llm_max_requests=1`` the spare's
+  replacement would otherwise create its CUDA context beside the request that just
+  took the spare. A handler needed to serve is forked at once.
 - ``llm_max_requests`` (plus a random 0..``llm_max_requests_jitter``) requests per
   handler, then it retires; 1 is a fresh process per request.
 - A boot error (the function's start-up failed) is reported with its traceback and
@@ -73,6 +78,8 @@ from fwatchdog.upstream import Pool
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 STOP_GRACE = 10.0
+# The longest a missing spare waits for the requests in flight (see manage()).
+SPARE_DEFER_MAX = 5.0
 
 
 def runtime_dir(base: str) -> str:
@@ -180,6 +187,7 @@ class Runtime:
         self.respawn_backoff: dict[str, float] = {"zygote": 0.0, "holder": 0.0}
         self.last_activity = clock()
         self.wake_started: float | None = None
+        self.spare_deferred_since: float | None = None  # a spare waits for requests to end
         self.stopping = False
         self.inflight = 0
         self.waiting = 0  # requests waiting in lease() for a handler
@@ -696,7 +704,20 @@ class Runtime:
         if any(h.state is not HState.READY for h in self.live()):
             return  # one start at a time
         if len(self.live()) >= self.cfg.llm_handlers + self.cfg.llm_spares:
+            self.spare_deferred_since = None
             return
+        if self.inflight and len(self.serving()) >= self.cfg.llm_handlers:
+            # Only a spare is missing, and requests are running: its CUDA context and
+            # warm-up would slow theirs, so it waits for them, up to SPARE_DEFER_MAX.
+            now = self.clock()
+            if self.spare_deferred_since is None:
+                self.spare_deferred_since = now
+                self.log.info(kv("spare_deferred", inflight=self.inflight,
+                                 max_wait=f"{SPARE_DEFER_MAX:g}s"))
+                self._later(SPARE_DEFER_MAX, self.notify)
+            if now - self.spare_deferred_since < SPARE_DEFER_MAX:
+                return
+        self.spare_deferred_since = None
         wait = self.backoff_until - self.clock()
         if wait > 0:
             # Look again when the backoff ends. The timer _boot_failed set may fire a
