@@ -17,6 +17,9 @@ same run and on the same machine as the figures they bound.
   disk's share of a cold start).
 
 As a script: ``python bench/coldstart_floors.py import|device ...``; one JSON line out.
+``python bench/coldstart_floors.py import-gc --runs N`` alternates the import floor
+with and without the collector paused N times (each in a fresh process) and prints
+both lists.
 """
 
 from __future__ import annotations
@@ -152,12 +155,20 @@ def main(argv: list[str]) -> int:
     imp = sub.add_parser("import")
     imp.add_argument("--block", default="")
     imp.add_argument("--gc-paused", action="store_true")
+    both = sub.add_parser("import-gc")
+    both.add_argument("--runs", type=int, default=4)
     dev = sub.add_parser("device")
     dev.add_argument("model_dir", type=Path)
     dev.add_argument("--device", default="cpu")
     dev.add_argument("--lengths", default="7")
     args = parser.parse_args(argv)
-    if args.what == "import":
+    if args.what == "import-gc":  # the parent: fresh children, alternating
+        env = dict(os.environ)
+        result = {"gc_on_s": [], "gc_paused_s": []}
+        for _ in range(args.runs):
+            result["gc_on_s"].append(import_floor(env)["import_s"])
+            result["gc_paused_s"].append(import_floor(env, gc_paused=True)["import_s"])
+    elif args.what == "import":
         result = _import([b for b in args.block.split(",") if b], args.gc_paused)
     else:
         result = _device(args.model_dir, args.device, [int(n) for n in args.lengths.split(",")])
