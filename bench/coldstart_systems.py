@@ -34,10 +34,14 @@ SYSTEMS = ("baseline", "llm")
 EVENT = re.compile(rb"event=([A-Za-z0-9_]+)|\b(function_loaded)\b")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: every socket is bound before any is closed,
+    so the kernel cannot hand out one port twice (one at a time it may)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def fwatchdog_command() -> list[str]:
@@ -71,13 +75,13 @@ class Layout:
 
 
 def system_env(system: str, layout: Layout, base: Mapping[str, str], port: int,
-               metrics_port: int, settings: Mapping[str, str]) -> dict[str, str]:
+               metrics_port: int, upstream: int,
+               settings: Mapping[str, str]) -> dict[str, str]:
     env = {**base, "port": str(port), "metrics_port": str(metrics_port),
            "MODEL_PATH": str(layout.model_dir), "exec_timeout": "600s",
            "write_timeout": "600s", "read_timeout": "600s", "start_timeout": "600s",
            "healthcheck_interval": "1s"}
     if system == "baseline":
-        upstream = free_port()
         env.update(mode="http", fprocess=f"{sys.executable} index.py",
                    upstream_url=f"http://127.0.0.1:{upstream}", http_port=str(upstream))
     elif system == "llm":
@@ -95,8 +99,7 @@ class Instance:
     def __init__(self, system: str, layout: Layout, base_env: Mapping[str, str], logs: Path,
                  settings: Mapping[str, str] | None = None) -> None:
         self.system = system
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port, upstream = free_ports(3)
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         logs.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ class Instance:
         # bytes, so a long TMPDIR (a test's) gives way to /tmp.
         base = os.path.realpath(os.environ.get("TMPDIR", "/tmp"))
         self.tmp = Path(tempfile.mkdtemp(prefix="fwb-", dir=base if len(base) <= 40 else "/tmp"))
-        env = system_env(system, layout, base_env, self.port, self.metrics_port,
+        env = system_env(system, layout, base_env, self.port, self.metrics_port, upstream,
                          settings or {})
         env["TMPDIR"] = str(self.tmp)
         self.marks: dict[str, float] = {}  # first arrival of each event
