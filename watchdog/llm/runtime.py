@@ -843,7 +843,11 @@ class Runtime:
 
     def _later(self, delay: float, callback: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
-        self._timers = [t for t in self._timers if t.when() > loop.time()]
+        # uvloop's call_later(0) gives a plain Handle (run at the next turn, no when()):
+        # only timers still pending are kept, for stop() to cancel.
+        now = loop.time()
+        self._timers = [t for t in self._timers
+                        if callable(getattr(t, "when", None)) and t.when() > now]
         self._timers.append(loop.call_later(max(0.0, delay), callback))
 
     def _phase(self, phase: str, seconds: float) -> None:
