@@ -240,13 +240,11 @@ class Runtime:
                 self.holder_settled = False
                 self.holder = self._adopt(early.holder)
                 self.holder_pid = self.holder.proc.pid
-            else:
-                self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
-        else:
-            if spawn.has_template(self.cfg):
-                await self._spawn_holder()
-            else:
-                self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
+        elif spawn.has_template(self.cfg):
+            await self._spawn_holder()
+        if self.holder is None:
+            self._no_template(f"no template at {self.cfg.template_dir} (no manifest.json)")
+        if self.zygote is None:
             await self._spawn_zygote()
         self._arm_idle_timer()
 
@@ -262,7 +260,7 @@ class Runtime:
         if early is not None:  # start() never ran: nothing but these exists
             for spawned in (early.zygote, early.holder):
                 if spawned is not None:
-                    await spawn.stop(spawned, STOP_GRACE)
+                    await spawn.stop(spawned.proc, spawned.writer, STOP_GRACE)
                     self.children.discard(spawned.proc.pid)
             shutil.rmtree(early.dir, ignore_errors=True)
             return
@@ -292,18 +290,7 @@ class Runtime:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _stop_child(self, child: Child) -> None:
-        proc = child.proc
-        with contextlib.suppress(Exception):
-            child.writer.close()  # the child exits when its control channel closes
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await spawn.stop(child.proc, child.writer, STOP_GRACE)
         for task in child.tasks:
             if not task.done():
                 with contextlib.suppress(asyncio.TimeoutError):

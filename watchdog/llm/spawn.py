@@ -110,11 +110,11 @@ async def spawn(name: str, module: str, args: list[str]) -> Spawned:
     return Spawned(name, proc, reader, writer)
 
 
-async def stop(spawned: Spawned, grace: float) -> int:
+async def stop(proc: asyncio.subprocess.Process, writer: asyncio.StreamWriter,
+               grace: float) -> int:
     """Close its control channel (it exits on that), then SIGTERM, then SIGKILL."""
     with contextlib.suppress(Exception):
-        spawned.writer.close()
-    proc = spawned.proc
+        writer.close()
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -141,7 +141,7 @@ async def early(cfg: Config, log: logging.Logger) -> Early | None:
             log.info(kv("llm_early_spawn_failed", error=str(exc),
                         effect="the runtime spawns its processes after the front has started"))
         for spawned in started:
-            await stop(spawned, grace=1.0)
+            await stop(spawned.proc, spawned.writer, grace=1.0)
         if run_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(run_dir)
