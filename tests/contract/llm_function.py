@@ -16,8 +16,8 @@ template serves) and answers on paths that exercise the runtime:
 
 Start-up waits for ``$LLM_TEST_SIGNALS/go`` when ``LLM_TEST_HOLD_START`` is set, and
 fails when ``LLM_TEST_BOOT_FAIL`` is set, so tests can hold a handler before ready;
-its warm-up requests wait for ``$LLM_TEST_SIGNALS/warm`` when
-``LLM_TEST_HOLD_WARMUP`` is set.
+its warm-up requests wait for ``$LLM_TEST_SIGNALS/warm`` (every handler) or
+``warm-<pid>`` (that one) when ``LLM_TEST_HOLD_WARMUP`` is set.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def _stream(context, crash):
 
 def handle(event, context):
     if context.hostname == "warmup" and os.environ.get("LLM_TEST_HOLD_WARMUP"):
-        while not os.path.exists(os.path.join(SIGNALS, "warm")):
+        while not (os.path.exists(os.path.join(SIGNALS, "warm"))
+                   or os.path.exists(os.path.join(SIGNALS, f"warm-{os.getpid()}"))):
             time.sleep(0.02)
     path = event.path
     if path == "/generate":

@@ -187,6 +187,39 @@ def test_a_request_during_the_warm_up_pauses_it_and_goes_first(
     assert "pauses=1" in log, log[-3000:]
 
 
+def test_a_spare_s_warm_up_yields_to_requests_on_a_warm_handler(
+        llm: Callable[..., Watchdog], signals: Path) -> None:
+    """A request that starts on a warm handler pauses a warm-up beside it after its
+    current step (their GPU work would slow the request); the warm-up goes on once
+    the request has ended."""
+    wd = llm(LLM_TEST_HOLD_WARMUP="1", exec_timeout=f"{START + 30:g}s")
+    wait_until(lambda: titled(wd, "fwatchdog: handler warming"), timeout=START,
+               what="the first handler warming up")
+    [first] = titled(wd, "fwatchdog: handler warming")
+    (signals / f"warm-{first}").write_text("")
+    wait_warm(wd, timeout=60)
+    wait_until(lambda: titled(wd, "fwatchdog: handler warming"), timeout=START,
+               what="the spare warming up (held in its first warm-up request)")
+    [spare] = titled(wd, "fwatchdog: handler warming")
+    conn = http.client.HTTPConnection("127.0.0.1", wd.port, timeout=60)
+    try:
+        conn.request("GET", "/stream", headers={"Accept": "text/event-stream"})
+        resp = conn.getresponse()
+        assert b"data:" in resp.read1(65536)
+        wait_until(lambda: 'reason="a request runs on a warm handler"' in wd.text(),
+                   timeout=10, what="the spare asked to pause its warm-up")
+        (signals / f"warm-{spare}").write_text("")  # its warm-up request in progress ends
+        wait_until(lambda: f"event=handler_warmup_paused id=2 pid={spare}" in wd.text(),
+                   timeout=30, what="the spare's warm-up paused after its step")
+        assert b"data:" in resp.read1(65536)  # the stream runs on the warm handler
+    finally:
+        conn.close()
+    wait_until(lambda: f"event=handler_ready id=2 pid={spare}" in wd.text(), timeout=60,
+               what="the spare's warm-up to go on and finish")
+    log = wd.text()
+    assert log.index("handler_warmup_paused id=2") < log.index("handler_ready id=2"), log[-3000:]
+
+
 def test_processes_have_titles_and_handlers_are_forked_from_the_zygote(
         llm: Callable[..., Watchdog]) -> None:
     wd = llm()

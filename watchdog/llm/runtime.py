@@ -23,7 +23,10 @@ Pool policy:
   all there) waits until no request is in flight, for at most
   :data:`SPARE_DEFER_MAX` seconds: with ``llm_max_requests=1`` the spare's
   replacement would otherwise create its CUDA context beside the request that just
-  took the spare. A handler needed to serve is forked at once.
+  took the spare. A handler needed to serve is forked at once. Likewise a warm-up
+  yields to requests running on a warm handler: it pauses after its current step
+  when one starts and goes on once none runs, for at most :data:`SPARE_DEFER_MAX`
+  seconds in all; a cold start's warm-up (nothing warm yet) never yields.
 - ``llm_max_requests`` (plus a random 0..``llm_max_requests_jitter``) requests per
   handler, then it retires; 1 is a fresh process per request.
 - A boot error (the function's start-up failed) is reported with its traceback and
@@ -125,6 +128,7 @@ class Handler:
     state: HState = HState.STARTING
     ready_at: float | None = None
     pausing: bool = False  # asked to pause its warm-up for a waiting request
+    warmup_deferred_since: float | None = None  # its warm-up first yielded to requests
     pool: Pool | None = None
     inflight: int = 0
     assigned: int = 0
@@ -685,7 +689,10 @@ class Runtime:
                 h.state = HState.ATTACHING
                 self._tell(h, {"op": "reattach", "holder": self.holder_socket})
             elif h.state is HState.COLD and not h.inflight and not self.waiting:
-                # Nobody waits for it any more: warm it up before it counts as warm.
+                # Nobody waits for it any more: warm it up before it counts as warm,
+                # unless requests run on a warm handler beside it (they go first).
+                if self._warm_up_waits(h):
+                    continue
                 h.state = HState.WARMING
                 self._tell(h, {"op": "warmup"})
         if any(h.state is not HState.READY for h in self.live()):
@@ -716,6 +723,37 @@ class Runtime:
             return
         self._fork()
 
+    def _warm_up_waits(self, h: Handler) -> bool:
+        """Whether a cold handler's warm-up still waits for the requests running on
+        warm handlers: their GPU work goes first, for at most SPARE_DEFER_MAX seconds
+        in all from the first time this warm-up yielded."""
+        if not (self.inflight and self.serving()):
+            return False
+        now = self.clock()
+        if h.warmup_deferred_since is None:
+            h.warmup_deferred_since = now
+            self.log.info(kv("handler_warmup_deferred", id=h.id, pid=h.pid,
+                             inflight=self.inflight, max_wait=f"{SPARE_DEFER_MAX:g}s"))
+            self._later(SPARE_DEFER_MAX, self.notify)
+        return now - h.warmup_deferred_since < SPARE_DEFER_MAX
+
+    def _pause_warm_ups(self, serving: Handler) -> None:
+        """A request goes to a warm handler: warm-ups beside it pause after their
+        current step (see _warm_up_waits), unless they have yielded long enough."""
+        now = self.clock()
+        for h in self.live():
+            if h is serving or h.state is not HState.WARMING or h.pausing:
+                continue
+            if h.warmup_deferred_since is None:
+                h.warmup_deferred_since = now
+                self._later(SPARE_DEFER_MAX, self.notify)
+            elif now - h.warmup_deferred_since >= SPARE_DEFER_MAX:
+                continue
+            h.pausing = True
+            self.log.info(kv("handler_warmup_pausing", id=h.id, pid=h.pid,
+                             reason="a request runs on a warm handler"))
+            self._tell(h, {"op": "pause"})
+
     def cold(self) -> list[Handler]:
         """Handlers that can answer but are not warm yet: a request that finds no warm
         handler goes to one of them rather than wait for its warm-up."""
@@ -743,6 +781,8 @@ class Runtime:
                 if h.limit and h.assigned >= h.limit:
                     h.retiring = True  # its last request; SIGTERM once it is answered
                     self.notify()
+                if h.state is HState.READY:
+                    self._pause_warm_ups(h)
                 return h
             if self.stopping:
                 raise NotReady("the watchdog is shutting down")
