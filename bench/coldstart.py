@@ -128,7 +128,7 @@ class Bench:
         self.scenarios: list[str] = args.scenarios
         self.systems: list[str] = args.systems
         self.lengths = LENGTHS
-        self.concurrency_levels = (1, 4, 16)
+        self.concurrency_levels = (1, 4) if args.smoke else (1, 4, 16, 32)
         self.memory_handlers = (1, 2) if args.smoke else (1, 2, 4)
         self.stream_tokens = 8 if args.smoke else 64
         self.wake_idle_s = args.wake_idle
@@ -163,7 +163,7 @@ class Bench:
             env["PYTHONPYCACHEPREFIX"] = str(self.args.pycache)
         env.update(HF_HUB_OFFLINE="1",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1", MAX_CONCURRENT_GENERATIONS="16",
+                   PYTHONUNBUFFERED="1", MAX_CONCURRENT_GENERATIONS="32", http_threads="64",
                    DEFAULT_MAX_TOKENS="16")
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""

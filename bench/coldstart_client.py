@@ -37,6 +37,7 @@ class Stream:
     total_s: float
     completion_tokens: int
     error: str | None = None
+    gaps_s: tuple[float, ...] = ()  # between successive content chunks after the first
 
     @property
     def ok(self) -> bool:
@@ -86,6 +87,8 @@ async def _read(resp: aiohttp.ClientResponse, t0: float, sent: float) -> Stream:
     ttft = None
     tokens = 0
     error = None
+    gaps: list[float] = []
+    last = None
     async for raw in resp.content:  # to the end: leaving early would cancel the stream
         line = raw.strip()
         if not line.startswith(b"data:"):
@@ -98,12 +101,18 @@ async def _read(resp: aiohttp.ClientResponse, t0: float, sent: float) -> Stream:
             error = str(event["error"].get("message"))
             continue
         choices = event.get("choices") or []
-        if ttft is None and choices and choices[0].get("delta", {}).get("content"):
-            ttft = time.monotonic() - t0
+        if choices and choices[0].get("delta", {}).get("content"):
+            now = time.monotonic()
+            if ttft is None:
+                ttft = now - t0
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
         usage = event.get("usage")
         if usage:
             tokens = int(usage.get("completion_tokens", 0))
-    return Stream(200, sent, headers_s, ttft, time.monotonic() - t0, tokens, error)
+    return Stream(200, sent, headers_s, ttft, time.monotonic() - t0, tokens, error,
+                  tuple(gaps))
 
 
 async def get_status(session: aiohttp.ClientSession, url: str) -> int | None:

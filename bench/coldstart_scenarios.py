@@ -175,23 +175,38 @@ async def concurrency(bench: Bench, inst: Instance | None = None) -> None:
                 fresh.stop()
         return
     await request(bench, inst, COLD_PROMPT)  # warm
+    targets = [("", inst.url)]
+    if inst.direct_url is not None:  # the same function without the watchdog in front
+        targets.append(("direct_", inst.direct_url))
     for n in bench.concurrency_levels:
-        ttfts, rates = [], []
-        for _ in range(bench.repeats):
-            async with client.new_session() as session:
-                t0 = time.monotonic()
-                streams = await asyncio.gather(*(
-                    client.chat(session, inst.url,
-                                client.body(bench.words(COLD_PROMPT, i), bench.stream_tokens),
-                                t0) for i in range(n)))
-            wall = max(s.total_s for s in streams)
-            failed = [s for s in streams if not s.ok]
-            if failed:
-                raise RuntimeError(f"concurrency {n}: {failed[0]}\n" + inst.log_tail())
-            ttfts += [_ttft(s) for s in streams]
-            rates.append(sum(s.completion_tokens for s in streams) / wall)
-        bench.record(inst.system, f"concurrency_{n}", ttfts, runs=len(rates),
-                     streams=n, tokens_per_s=_stats(rates), max_tokens=bench.stream_tokens)
+        for prefix, url in targets:
+            ttfts, rates, gaps = [], [], []
+            for _ in range(bench.repeats):
+                async with client.new_session() as session:
+                    t0 = time.monotonic()
+                    streams = await asyncio.gather(*(
+                        client.chat(session, url,
+                                    client.body(bench.words(COLD_PROMPT, i), bench.stream_tokens),
+                                    t0) for i in range(n)))
+                wall = max(s.total_s for s in streams)
+                failed = [s for s in streams if not s.ok]
+                if failed:
+                    raise RuntimeError(f"concurrency {n}: {failed[0]}\n" + inst.log_tail())
+                ttfts += [_ttft(s) for s in streams]
+                gaps += [g for s in streams for g in s.gaps_s]
+                rates.append(sum(s.completion_tokens for s in streams) / wall)
+            bench.record(inst.system, f"concurrency_{prefix}{n}", ttfts, runs=len(rates),
+                         streams=n, tokens_per_s=_stats(rates), max_tokens=bench.stream_tokens,
+                         ttft_p50_p95_s=_percentiles(ttfts),
+                         inter_token_p50_p95_s=_percentiles(gaps),
+                         through="direct" if prefix else "fwatchdog")
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if len(values) < 2:
+        return None
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": statistics.median(values), "p95": cuts[94]}
 
 
 async def gpu_wake(bench: Bench) -> None:

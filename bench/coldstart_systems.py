@@ -102,6 +102,9 @@ class Instance:
         self.port, self.metrics_port, upstream = free_ports(3)
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        # The function's own server behind the watchdog (baseline only: mode=llm's
+        # handlers listen on Unix sockets).
+        self.direct_url = f"http://127.0.0.1:{upstream}" if system == "baseline" else None
         logs.mkdir(parents=True, exist_ok=True)
         # The instance's TMPDIR holds mode=llm's Unix sockets: a path of at most 107
         # bytes, so a long TMPDIR (a test's) gives way to /tmp.

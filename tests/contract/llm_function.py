@@ -14,6 +14,9 @@ template serves) and answers on paths that exercise the runtime:
 - ``/cuda``: whether this process has initialised CUDA;
 - ``/gc``: whether its cyclic garbage collector runs, and how many objects are frozen.
 
+Its ``on_gpu_release`` and ``on_gpu_wake`` hooks write ``$LLM_TEST_SIGNALS/released-<pid>``
+and ``woken-<pid>``.
+
 Start-up waits for ``$LLM_TEST_SIGNALS/go`` when ``LLM_TEST_HOLD_START`` is set, and
 fails when ``LLM_TEST_BOOT_FAIL`` is set, so tests can hold a handler before ready;
 its warm-up requests wait for ``$LLM_TEST_SIGNALS/warm`` (every handler) or
@@ -43,6 +46,14 @@ if os.environ.get("LLM_TEST_HOLD_START"):
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "model")
 model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
 STATE = {}
+
+
+def on_gpu_release():
+    open(os.path.join(SIGNALS, f"released-{os.getpid()}"), "w").close()
+
+
+def on_gpu_wake():
+    open(os.path.join(SIGNALS, f"woken-{os.getpid()}"), "w").close()
 
 
 def _json(body, status=200):

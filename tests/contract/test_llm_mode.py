@@ -546,7 +546,7 @@ def test_a_stale_template_is_rejected_and_the_start_is_ordinary(
 
 
 def test_idle_release_keeps_ready_and_a_request_wakes_it(
-        llm: Callable[..., Watchdog]) -> None:
+        llm: Callable[..., Watchdog], signals: Path) -> None:
     wd = llm(llm_gpu_idle_timeout="1s")
     wait_warm(wd)
     wait_until(lambda: len(titled(wd, "fwatchdog: handler ready")) == 2, timeout=START,
@@ -561,12 +561,16 @@ def test_idle_release_keeps_ready_and_a_request_wakes_it(
     for pid in kept:
         assert "memfd:fwatchdog-template" not in Path(f"/proc/{pid}/maps").read_text()
     assert titled(wd, "fwatchdog: holder released")
+    # The function's own hook ran first in each, for what it holds besides the weights.
+    assert all((signals / f"released-{pid}").exists() for pid in kept)
+    assert not any(signals.glob("woken-*"))
     assert http_status(wd.url + "/_/ready") == 200  # it can answer: a request wakes it
     after = get_json(wd, "/generate")
     # A kept process answers (whichever mapped the buffer first), with the same weights.
     assert after["pid"] in kept and after["tokens"] == before["tokens"]
     assert metric(wd, "fwatchdog_llm_phase_seconds_count", 'phase="wake"') == 1
     assert "event=handler_reattached" in wd.text()
+    assert (signals / f"woken-{after['pid']}").exists()
 
 
 def test_idle_release_without_a_template_retires_the_handlers(

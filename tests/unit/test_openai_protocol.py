@@ -180,7 +180,9 @@ def test_prompts() -> None:
 
 def test_server_config_from_env() -> None:
     config = api.ServerConfig.from_env({}, "default")
-    assert (config.model_name, config.max_concurrent, config.max_context) == ("default", 2, None)
+    # No MAX_CONCURRENT_GENERATIONS: the server picks 16 with a batch, 2 without one.
+    assert (config.model_name, config.max_concurrent, config.max_context) == ("default", None, None)
+    assert (config.batching, config.kv_cache_tokens) == (True, 16384)
     config = api.ServerConfig.from_env(
         {"MODEL_NAME": "m", "MAX_CONCURRENT_GENERATIONS": "8", "MAX_MODEL_LEN": "4096"}, "d"
     )
@@ -191,6 +193,17 @@ def test_server_config_from_env() -> None:
         )
     assert "MAX_CONCURRENT_GENERATIONS" in str(caught.value)
     assert "DEFAULT_MAX_TOKENS" in str(caught.value)
+
+
+def test_batching_settings_from_env() -> None:
+    config = api.ServerConfig.from_env({"BATCHING": "off", "KV_CACHE_TOKENS": "4096"}, "d")
+    assert (config.batching, config.kv_cache_tokens) == (False, 4096)
+    with pytest.raises(ValueError) as caught:
+        api.ServerConfig.from_env({"BATCHING": "yes", "KV_CACHE_TOKENS": "0"}, "d")
+    assert "BATCHING='yes'" in str(caught.value) and "KV_CACHE_TOKENS='0'" in str(caught.value)
+    # The default 16 slots count against the server's threads too.
+    with pytest.raises(ValueError, match="16 \\+ 8 exceeds http_threads=20"):
+        api.ServerConfig.from_env({"http_threads": "20"}, "d")
 
 
 def test_queue_settings_from_env() -> None:

@@ -340,7 +340,7 @@ def main(spec: dict[str, Any], template_dir: Path, function_dir: Path,
         listened.append(True)
         set_title("fwatchdog: handler cold")
         report.send({"event": "listening", "socket": spec["socket"], **ready})
-        return follow_front(report, weights, server, warm)
+        return follow_front(report, weights, server, warm, module)
 
     try:
         handler_server.run(module.handle, config, unix_path=spec["socket"],
@@ -385,13 +385,28 @@ async def _exit_after(writer: Any, code: int) -> None:
     os._exit(code)
 
 
+def _function_hook(module: Any, name: str) -> None:
+    """The function's optional ``on_gpu_release()`` / ``on_gpu_wake()``: what it holds
+    on the device besides the weights (a KV cache) goes and comes with them. A hook
+    that fails is logged; the release or wake goes on."""
+    hook = getattr(module, name, None)
+    if not callable(hook):
+        return
+    try:
+        hook()
+    except Exception as exc:  # noqa: BLE001 - the function's error, not the runtime's
+        LOG.warning("handler_hook_failed hook=%s error=%r\n%s", name, str(exc),
+                    traceback.format_exc())
+
+
 async def follow_front(report: Reporter, weights: Weights | None, server: Any,
-                       warm: WarmUp) -> None:
+                       warm: WarmUp, module: Any = None) -> None:
     """Answer the front's requests while serving: ``warmup`` (run the warm-up plan,
     or go on with it, then report ``ready``), ``pause`` (stop the warm-up after the
     request it is running and report ``paused``: a request waits), ``release`` (let
-    go of the weights, the GPU is being released) and ``reattach`` {holder} (map the
-    reloaded buffer)."""
+    go of the weights, the GPU is being released; the function's ``on_gpu_release``
+    runs first) and ``reattach`` {holder} (map the reloaded buffer, then call the
+    function's ``on_gpu_wake``)."""
     reader, writer = await asyncio.open_unix_connection(sock=report.sock)
     while True:
         message = await wire.next_message(reader)
@@ -414,11 +429,13 @@ async def follow_front(report: Reporter, weights: Weights | None, server: Any,
             if weights is None:
                 raise RuntimeError("this handler's weights did not come from the template")
             if op == "release":
+                _function_hook(module, "on_gpu_release")
                 moved = weights.release()
                 set_title("fwatchdog: handler released")
                 answer = {"event": "released", "tensors": moved}
             elif op == "reattach":
                 moved = weights.reattach(str(message["holder"]))
+                _function_hook(module, "on_gpu_wake")
                 set_title("fwatchdog: handler ready")
                 answer = {"event": "reattached", "tensors": moved}
             else:

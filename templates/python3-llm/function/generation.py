@@ -1,6 +1,9 @@
 """The token loop behind the OpenAI API: sampling, stop sequences, cancellation.
 
-``Generation`` is an iterator of text pieces; whoever iterates it runs the model.
+``Generation`` is an iterator of text pieces; whoever iterates it runs the model,
+or, given a ``BatchEngine`` (``batching.py``), waits for the request's tokens from
+the shared batch. Text, stop sequences, finish reasons and logs are the same either
+way: only where the tokens come from differs.
 
 Invariants:
 - It stops at the next token when closed or when ``cancelled`` (a
@@ -9,8 +12,12 @@ Invariants:
   exactly once, before either line is logged, whatever ended the run.
 - Inference mode is entered per forward step, never held across a ``yield``:
   successive steps may run on different threads and grad mode is thread-local.
-- Sampling uses a per-request ``torch.Generator`` (seeded from ``seed`` when given):
-  no global RNG state is read or changed.
+- Run alone, sampling uses a per-request ``torch.Generator`` (seeded from ``seed``
+  when given): no global RNG state is read or changed. A sampled request with a
+  ``seed`` always runs alone (beside the batch), so its output is reproducible; the
+  batch samples with its own generator.
+- A batched request leaves the batch (is cancelled there) as soon as the
+  generation ends for any reason: stop text, the client leaving, an error.
 - Stop text never reaches the output: text that could be the start of a stop
   sequence is held back until it is known not to be.
 - The completion is decoded incrementally (:class:`IncrementalDecoder`): each
@@ -31,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported when a generation starts, so parsing stays light
     import torch
+
+    from .batching import BatchEngine
 
 LOG = logging.getLogger("generation")
 
@@ -101,6 +110,7 @@ class Generation:
         cancelled: threading.Event | None,
         request_id: str,
         on_end: Callable[[], None] = lambda: None,
+        engine: BatchEngine | None = None,
     ) -> None:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
@@ -114,6 +124,7 @@ class Generation:
         self._cancelled = cancelled
         self._request_id = request_id
         self._on_end = on_end
+        self._engine = engine
         self._pieces = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -143,7 +154,8 @@ class Generation:
             return int(order[choice])
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def _run(self) -> Generator[str, None, None]:
+    def _steps(self) -> Generator[int, None, None]:
+        """The model's next tokens, one forward step each, in this thread."""
         import torch
         from transformers import DynamicCache
 
@@ -156,6 +168,26 @@ class Generation:
             generator.seed()
         cache = DynamicCache()
         cache_kwarg = _cache_kwarg(model)
+        next_input = torch.tensor([self._prompt_ids], device=device)
+        while True:
+            with torch.inference_mode():
+                out = model(input_ids=next_input, use_cache=True, **{cache_kwarg: cache})
+                token = self._next_token(out.logits[0, -1], generator)
+            yield token
+            next_input = torch.tensor([[token]], device=device)
+
+    def _tokens(self) -> Iterator[int]:
+        """The batch's tokens for this request, or this thread's own steps: a request
+        with a seed samples from its own generator, which a batch cannot give it."""
+        params = self._params
+        if self._engine is None or (params.seed is not None and params.temperature > 0):
+            return self._steps()
+        return self._engine.submit(self._prompt_ids, self._max_new_tokens,
+                                   temperature=params.temperature, top_p=params.top_p,
+                                   cancelled=self._cancelled)
+
+    def _run(self) -> Generator[str, None, None]:
+        params = self._params
         generated: list[int] = []
         decoder = IncrementalDecoder(self._tokenizer)
         committed = ""  # grows by appending: linear overall
@@ -163,21 +195,23 @@ class Generation:
         emitted = 0  # characters of the decoded completion already yielded
         matched_stop = False
         started = time.monotonic()
-        next_input = torch.tensor([self._prompt_ids], device=device)
         error: BaseException | None = None
+        tokens: Iterator[int] = iter(())
         try:
+            tokens = self._tokens()
             while len(generated) < self._max_new_tokens:
                 if self._cancelled is not None and self._cancelled.is_set():
                     return
-                with torch.inference_mode():
-                    out = model(input_ids=next_input, use_cache=True, **{cache_kwarg: cache})
-                    token = self._next_token(out.logits[0, -1], generator)
+                token = next(tokens, None)
+                if token is None:
+                    if self._cancelled is not None and self._cancelled.is_set():
+                        return
+                    raise RuntimeError("the batch ended the request before its end")
                 if token in self._eos_ids:
                     self.finish_reason = "stop"
                     break
                 generated.append(token)
                 self.completion_tokens = len(generated)
-                next_input = torch.tensor([[token]], device=device)
                 new, pending = decoder.push(token)
                 committed += new
                 text = committed + pending if pending else committed
@@ -202,6 +236,9 @@ class Generation:
             error = exc
             raise
         finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()  # a batched request leaves the batch at once
             # Before the log line: whoever sees the line may reuse the slot at once.
             self._on_end()
             seconds = time.monotonic() - started

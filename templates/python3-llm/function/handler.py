@@ -9,7 +9,14 @@ and ``context`` (``.hostname``, ``.cancelled``), and returns a dict
 Environment: ``MODEL_PATH`` (a Hugging Face model folder; default: the embedded
 SmolLM2-135M-Instruct), ``MODEL_NAME``, ``MODEL_ALIASES`` (other names a request's
 ``model`` may use, or ``*``), ``MAX_CONCURRENT_GENERATIONS``, ``MAX_QUEUED_GENERATIONS``,
-``MAX_QUEUE_WAIT``, ``DEFAULT_MAX_TOKENS``, ``MAX_MODEL_LEN``.
+``MAX_QUEUE_WAIT``, ``DEFAULT_MAX_TOKENS``, ``MAX_MODEL_LEN``, ``BATCHING``,
+``KV_CACHE_TOKENS``, ``MODEL_DTYPE`` (``auto``: the checkpoint's own; ``float32``
+makes greedy output independent of the batch on CPU, where bf16 rounding differs
+with the batch's shape).
+
+Concurrent requests share one continuous batch. ``on_gpu_release`` is called by
+``fwatchdog mode=llm`` when it releases the GPU on idle: the batch's KV cache goes
+with the weights.
 """
 
 import os
@@ -28,9 +35,14 @@ if DEVICE == "cuda":
     # 100-250 ms once, which no warm-up can cover. Flash attention has no per-shape cost.
     torch.backends.cuda.enable_cudnn_sdp(False)
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE = os.environ.get("MODEL_DTYPE", "").strip() or "auto"
+if DTYPE not in DTYPES:
+    raise ValueError(f"MODEL_DTYPE={DTYPE!r} must be one of {', '.join(DTYPES)}")
+
 tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
 # device_map loads the weights straight onto the GPU, without a copy in host memory.
-model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype="auto", device_map=DEVICE)
+model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype=DTYPE, device_map=DEVICE)
 
 api = OpenAIServer(
     model, tokenizer, ServerConfig.from_env(os.environ, default_model_name(MODEL_PATH))
@@ -39,3 +51,7 @@ api = OpenAIServer(
 
 def handle(event, context):
     return api.handle(event, context)
+
+
+def on_gpu_release():
+    api.release_gpu()

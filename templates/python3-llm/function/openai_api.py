@@ -14,6 +14,10 @@ Invariants:
 - Every failure the client caused is a 4xx with OpenAI's error JSON
   ``{"error": {"message", "type", "param", "code"}}``; nothing it sends reaches the
   model before validation passed (types, ranges, UTF-8, context length).
+- Concurrent generations share one continuous batch (``batching.py``) unless
+  ``BATCHING=off`` or the installed transformers cannot batch (then each runs alone,
+  in its request's thread; the log says which at start-up). A request's output does
+  not depend on the batch around it, except the draws of an unseeded sampled one.
 - At most ``config.max_concurrent`` generations run at once; up to
   ``config.max_queued`` more wait for a slot, first come first served, for at most
   ``config.max_queue_wait`` seconds (``admission.py``). A 503 ``overloaded`` with
@@ -48,13 +52,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import batching
 from .admission import Admission, Busy, Left, Slot
+from .batching import BatchEngine
 from .generation import Generation, SamplingParams
 
 LOG = logging.getLogger("openai_api")
 
 MAX_STOP_SEQUENCES = 4
 HTTP_THREADS = 32  # the handler server's default http_threads
+BATCHED_SLOTS = 16  # default generations at once when they share a batch
+ALONE_SLOTS = 2  # ... and when each runs alone (BATCHING=off, or none available)
 
 
 # ---------------------------------------------------------------- configuration
@@ -68,11 +76,14 @@ class ServerConfig:
     # Other names a request's "model" may give (MODEL_ALIASES); any name with any_model.
     aliases: frozenset[str] = frozenset()
     any_model: bool = False
-    max_concurrent: int = 2
+    # Generations at once; None: BATCHED_SLOTS when batching runs, else ALONE_SLOTS.
+    max_concurrent: int | None = None
     max_queued: int = 8  # requests that may wait for a generation slot
     max_queue_wait: float = 30.0  # seconds one may wait before it is a 503
     default_max_tokens: int = 512
     max_context: int | None = None  # None: the model's max_position_embeddings
+    batching: bool = True  # BATCHING=continuous (default) or off
+    kv_cache_tokens: int = 16384  # the batch's KV cache (KV_CACHE_TOKENS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_name: str) -> ServerConfig:
@@ -101,7 +112,7 @@ class ServerConfig:
                 return default
             return value
 
-        max_concurrent = whole("MAX_CONCURRENT_GENERATIONS", cls.max_concurrent)
+        max_concurrent = whole("MAX_CONCURRENT_GENERATIONS", None)
         max_queued = whole("MAX_QUEUED_GENERATIONS", cls.max_queued, minimum=0)
         assert max_queued is not None
         max_queue_wait = cls.max_queue_wait
@@ -117,10 +128,15 @@ class ServerConfig:
         threads_raw = env.get("http_threads", "").strip()
         # handler_server.Config's own default; a bad value is that server's error to give.
         threads = int(threads_raw) if threads_raw.isdigit() else HTTP_THREADS
-        if max_concurrent is not None and max_concurrent + max_queued > threads:
+        slots = max_concurrent if max_concurrent is not None else BATCHED_SLOTS
+        if slots + max_queued > threads:
             errors.append(f"MAX_CONCURRENT_GENERATIONS + MAX_QUEUED_GENERATIONS = "
-                          f"{max_concurrent + max_queued} exceeds http_threads={threads}: "
+                          f"{slots} + {max_queued} exceeds http_threads={threads}: "
                           "each running or waiting request holds a thread")
+        batching_raw = env.get("BATCHING", "").strip().lower() or "continuous"
+        if batching_raw not in ("continuous", "off"):
+            errors.append(f"BATCHING={env['BATCHING']!r} must be 'continuous' or 'off'")
+        kv_cache_tokens = whole("KV_CACHE_TOKENS", cls.kv_cache_tokens)
         default_max_tokens = whole("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
         max_context = whole("MAX_MODEL_LEN", None)
         names = [n.strip() for n in env.get("MODEL_ALIASES", "").split(",")]
@@ -130,7 +146,7 @@ class ServerConfig:
             errors.append(f"MODEL_ALIASES={env['MODEL_ALIASES']!r}: '*' (any name) stands alone")
         if errors:
             raise ValueError("; ".join(errors))
-        assert max_concurrent is not None and default_max_tokens is not None
+        assert default_max_tokens is not None and kv_cache_tokens is not None
         return cls(
             model_name=env.get("MODEL_NAME") or default_name,
             aliases=frozenset(n for n in names if n != "*"),
@@ -140,6 +156,8 @@ class ServerConfig:
             max_queue_wait=max_queue_wait,
             default_max_tokens=default_max_tokens,
             max_context=max_context,
+            batching=batching_raw == "continuous",
+            kv_cache_tokens=kv_cache_tokens,
         )
 
 
@@ -429,9 +447,20 @@ class OpenAIServer:
         self.max_context = config.max_context or int(
             getattr(model.config, "max_position_embeddings", 2048)
         )
-        self._admission = Admission(config.max_concurrent, config.max_queued,
-                                    config.max_queue_wait)
         self._eos_ids = _eos_ids(model, tokenizer)
+        self.engine: BatchEngine | None = None
+        why_not = "BATCHING=off" if not config.batching else batching.unavailable(model)
+        slots = config.max_concurrent or (ALONE_SLOTS if why_not else BATCHED_SLOTS)
+        if why_not is None:
+            self.engine = BatchEngine(model, max_requests=slots,
+                                      kv_tokens=config.kv_cache_tokens, eos_ids=self._eos_ids)
+            # One request must fit in the batch's KV cache.
+            self.max_context = min(self.max_context, config.kv_cache_tokens)
+            LOG.info("batching=continuous slots=%d kv_cache_tokens=%d", slots,
+                     config.kv_cache_tokens)
+        else:
+            LOG.info("batching=off slots=%d reason=%r", slots, why_not)
+        self._admission = Admission(slots, config.max_queued, config.max_queue_wait)
         # Fast tokenizers may adjust their truncation state while encoding, and the
         # Rust side refuses concurrent mutation ("Already borrowed"): one encode at
         # a time (encoding takes microseconds to milliseconds).
@@ -469,6 +498,12 @@ class OpenAIServer:
             # Clients of this API parse errors as JSON, even ours.
             LOG.exception("request_failed path=%s", event.path)
             return APIError(500, f"The server failed: {exc!r}", type="server_error").response()
+
+    def release_gpu(self) -> None:
+        """Free what the batch holds on the device (its KV cache and generation
+        thread) while the GPU is released; the next request starts them again."""
+        if self.engine is not None:
+            self.engine.suspend()
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and not self.config.serves(name):
@@ -581,6 +616,7 @@ class OpenAIServer:
             getattr(context, "cancelled", None),
             request_id,
             on_end=slot.release,
+            engine=self.engine,
         )
         if stream:
             chunks = self._stream_chunks(kind, request_id, generation, slot, include_usage)

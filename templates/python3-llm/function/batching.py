@@ -1,0 +1,260 @@
+"""One continuous batch per model: concurrent requests share each forward step.
+
+``BatchEngine(model, ...)`` runs transformers' own continuous batching
+(``ContinuousBatchingManager``: a paged KV cache, a scheduler, one generation
+thread); :meth:`BatchEngine.submit` adds a request and returns a
+:class:`BatchStream`, an iterator of the request's token ids as they are made.
+Requests join and leave the batch between steps. ``generation.py`` turns the
+tokens into text, stop sequences and finish reasons, as for a request run alone.
+
+Invariants:
+- Every request keeps its own sampling: the manager samples, and each request
+  passes its temperature, top-p and top-k (greedy is top-k 1: only the most likely
+  token keeps any probability, whatever the batch around it). The manager draws
+  from one shared random generator, so a sampled request's tokens depend on the
+  batch; a request that asks for a ``seed`` is not batched (``generation.py``).
+- One dispatcher thread reads the manager's results and hands each to its
+  request's queue; a request's thread waits only on its own queue, polling its
+  ``cancelled`` event. Closing a stream (the client left, a stop sequence was
+  found, the request ended) cancels it in the manager at once, and its later
+  results are dropped.
+- The manager is started on the first request after the engine was made or
+  :meth:`suspend` ed, and restarted after its generation thread died (the requests
+  it held then end with :class:`BatchError`); :meth:`suspend` stops it and frees
+  its KV cache, which is what a GPU release needs.
+- Its threads are daemons: a process with a batch exits like one without.
+- The KV cache is bounded (``kv_tokens``): with several handlers on one GPU, none
+  may take the device's free memory for its cache, which the manager would
+  otherwise size from.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+LOG = logging.getLogger("batching")
+
+POLL_S = 0.05  # how often a waiting request looks at its cancelled event
+PAGE_TOKENS = 256  # tokens per page of the paged KV cache
+# Tokens one forward step takes (longer prompts are prefilled in chunks): it sizes the
+# step's activations and attention masks, which transformers would otherwise size for
+# 8192 tokens.
+STEP_TOKENS = 2048
+
+
+class BatchError(RuntimeError):
+    """The batch failed this request (its generation thread died, or it refused it)."""
+
+
+def unavailable(model: Any) -> str | None:
+    """Why this model cannot be served by a continuous batch here, or None."""
+    if not callable(getattr(model, "init_continuous_batching", None)):
+        return "this transformers release has no continuous batching"
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        return "this transformers release has no ContinuousBatchingConfig"
+    if "per_request_processors" not in inspect.signature(ContinuousBatchingConfig).parameters:
+        return "this transformers release has no per-request sampling in its batches"
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != "sdpa" and "flash" not in str(implementation):
+        # The manager would switch the model to its paged variant, and a request
+        # run outside the batch (a seeded one) needs the ordinary one.
+        return f"the model's attention implementation is {implementation!r}, not sdpa or flash"
+    return None
+
+
+class BatchStream:
+    """A request's tokens, in order, as the batch makes them; close() cancels it
+    (also before the first token was read)."""
+
+    def __init__(self, engine: BatchEngine, request_id: str,
+                 cancelled: threading.Event | None) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._cancelled = cancelled
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._seen = 0
+        self._closed = False
+        self._pending: list[int] = []
+        self._done = False
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> int:
+        if self._cancelled is not None and self._cancelled.is_set():
+            self._done, self._pending = True, []  # the client left: nobody reads more
+        while not self._pending:
+            if self._done or self._closed:
+                self.close()
+                raise StopIteration
+            self._pending = self._wait()
+        return self._pending.pop(0)
+
+    def _wait(self) -> list[int]:
+        """The next new tokens; [] once the request has ended or was cancelled."""
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._cancelled is not None and self._cancelled.is_set():
+                    self._done = True
+                    return []
+                continue
+            if isinstance(item, BaseException):
+                self._done = True
+                self.close()
+                raise item
+            tokens, finished = item
+            new = tokens[self._seen:]
+            self._seen = len(tokens)
+            self._done = finished
+            if new or finished:
+                return list(new)
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._forget(self)
+
+
+class BatchEngine:
+    """Requests to one model, batched; thread-safe."""
+
+    def __init__(self, model: Any, *, max_requests: int, kv_tokens: int,
+                 eos_ids: frozenset[int]) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self.model = model
+        self.max_requests = max_requests
+        self.kv_tokens = kv_tokens
+        vocab = int(model.config.get_text_config().vocab_size)
+        self._vocab = vocab
+        # Sampling with per-request values needs each processor to exist: a default
+        # that is not neutral makes transformers create it (every request passes its
+        # own value, so these defaults are never used).
+        generation = GenerationConfig(
+            do_sample=True, temperature=0.7, top_k=vocab, top_p=0.9,
+            eos_token_id=sorted(eos_ids) or -1, pad_token_id=min(eos_ids, default=0),
+            max_new_tokens=16)
+        pages = -(-kv_tokens // PAGE_TOKENS)
+        wanted: dict[str, Any] = {
+            "num_blocks": pages, "page_size": PAGE_TOKENS,
+            "max_requests_per_batch": max_requests, "per_request_processors": True,
+            "max_batch_tokens": min(STEP_TOKENS, kv_tokens),
+            "auto_switch_to_flash": False, "use_cuda_graph": False,
+            "allow_block_sharing": False,
+        }
+        known = inspect.signature(ContinuousBatchingConfig).parameters
+        if "page_size" not in known:
+            wanted["block_size"] = wanted.pop("page_size")
+        self._manager = model.init_continuous_batching(
+            generation_config=generation,
+            continuous_batching_config=ContinuousBatchingConfig(
+                **{k: v for k, v in wanted.items() if k in known}))
+        self._lock = threading.Lock()
+        self._streams: dict[str, BatchStream] = {}
+        self._ids = itertools.count()
+        self._dispatcher: threading.Thread | None = None
+        self._generation = 0  # which start of the manager the dispatcher serves
+
+    # -- requests
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float,
+               top_p: float, cancelled: threading.Event | None = None) -> BatchStream:
+        """Add a request to the batch. ``temperature`` 0 is greedy."""
+        sampling: dict[str, Any] = (
+            {"temperature": 1.0, "top_k": 1, "top_p": 1.0} if temperature == 0 else
+            {"temperature": float(temperature), "top_k": self._vocab, "top_p": float(top_p)})
+        with self._lock:
+            self._ensure_running()
+            request_id = f"b{next(self._ids)}"
+            stream = BatchStream(self, request_id, cancelled)
+            self._streams[request_id] = stream
+        added = self._manager.add_request(list(prompt_ids), request_id=request_id,
+                                          max_new_tokens=max_new_tokens, streaming=True,
+                                          **sampling)
+        if added is None:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise BatchError("the batch refused the request (its generation thread stopped)")
+        return stream
+
+    def _forget(self, stream: BatchStream) -> None:
+        with self._lock:
+            known = self._streams.pop(stream.request_id, None) is not None
+        if known and self._manager.is_running():
+            self._manager.cancel_request(stream.request_id)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # -- the manager's life
+
+    def _ensure_running(self) -> None:
+        """With the lock held: the manager's generation thread and the dispatcher run."""
+        if self._manager.is_running():
+            return
+        # A thread is a daemon when the thread that made it is: the manager's
+        # generation thread, made in a daemon thread, never keeps the process from
+        # exiting (it runs until stopped, and nothing stops it at exit).
+        starter = threading.Thread(target=self._manager.start, name="batch-start",
+                                   daemon=True)
+        starter.start()
+        starter.join()
+        self._generation += 1
+        self._dispatcher = threading.Thread(target=self._dispatch, args=(self._generation,),
+                                            name="batch-dispatch", daemon=True)
+        self._dispatcher.start()
+        LOG.info("batch_started max_requests=%d kv_tokens=%d", self.max_requests, self.kv_tokens)
+
+    def _dispatch(self, generation: int) -> None:
+        """Hand each result to its request's stream, until this start of the manager
+        ends; then fail the streams it still held."""
+        manager = self._manager
+        while generation == self._generation:
+            result = manager.get_result(timeout=0.1)
+            if result is None:
+                if manager.is_running():
+                    continue
+                break  # the generation thread ended: stopped, or died
+            with self._lock:
+                stream = self._streams.get(result.request_id)
+            if stream is None:
+                continue  # cancelled: nobody reads it
+            if result.error is not None:
+                stream.put(BatchError(f"the batch failed the request: {result.error}"))
+            else:
+                stream.put((list(result.generated_tokens), result.is_finished()))
+        with self._lock:
+            if generation != self._generation:
+                return  # a newer start serves the streams now
+            orphans = list(self._streams.values())
+            self._streams.clear()
+        error = getattr(manager.background_thread_status, "fatal_error", None)
+        if orphans or error is not None:
+            LOG.error("batch_stopped requests=%d error=%r", len(orphans), error)
+        for stream in orphans:
+            stream.put(BatchError(f"the batch's generation thread stopped: {error!r}"))
+
+    def suspend(self) -> None:
+        """Stop the generation thread and free the KV cache (the GPU is released);
+        the next request starts them again. Requests still running end with
+        :class:`BatchError`."""
+        with self._lock:
+            if not self._manager.is_running():
+                return
+            self._manager.stop(block=True, timeout=30, hard_stop=True)
+        LOG.info("batch_suspended")
