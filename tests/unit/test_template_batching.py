@@ -209,3 +209,17 @@ def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks(
         assert run_all(engine, [prompt], 8)[0] == greedy(model, prompt, 8)
     finally:
         engine.suspend()
+
+
+def test_only_requests_the_batch_did_not_end_are_cancelled_in_it(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    cancelled: list[str] = []
+    real = engine._manager.cancel_request
+    monkeypatch.setattr(engine._manager, "cancel_request",
+                        lambda rid: (cancelled.append(rid), real(rid)))
+    finished = engine.submit(prompts(1)[0], 4, temperature=0.0, top_p=1.0)
+    assert len(list(finished)) == 4
+    left = engine.submit(prompts(1)[0], 400, temperature=0.0, top_p=1.0)
+    next(left)
+    left.close()
+    assert cancelled == [left.request_id]

@@ -82,7 +82,8 @@ class BatchStream:
         self._seen = 0
         self._closed = False
         self._pending: list[int] = []
-        self._done = False
+        self._done = False  # nothing more will be read
+        self._finished = False  # the batch ended the request itself
 
     def __iter__(self) -> BatchStream:
         return self
@@ -114,7 +115,7 @@ class BatchStream:
             tokens, finished = item
             new = tokens[self._seen:]
             self._seen = len(tokens)
-            self._done = finished
+            self._done = self._finished = finished
             if new or finished:
                 return list(new)
 
@@ -124,7 +125,7 @@ class BatchStream:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._engine._forget(self)
+            self._engine._forget(self, finished=self._finished)
 
 
 class BatchEngine:
@@ -190,10 +191,11 @@ class BatchEngine:
             raise BatchError("the batch refused the request (its generation thread stopped)")
         return stream
 
-    def _forget(self, stream: BatchStream) -> None:
+    def _forget(self, stream: BatchStream, finished: bool) -> None:
+        """A stream is closed: it leaves the batch, unless the batch ended it."""
         with self._lock:
             known = self._streams.pop(stream.request_id, None) is not None
-        if known and self._manager.is_running():
+        if known and not finished and self._manager.is_running():
             self._manager.cancel_request(stream.request_id)
 
     @property
