@@ -9,6 +9,7 @@ seeded sampled request runs beside the batch and repeats, and a suspended batch
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -223,3 +224,34 @@ def test_only_requests_the_batch_did_not_end_are_cancelled_in_it(
     next(left)
     left.close()
     assert cancelled == [left.request_id]
+
+
+def test_a_batch_that_fails_here_falls_back_to_running_alone(
+        model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A device or release where the batch cannot run: every request is still answered,
+    alone, and after a few failures the batch is given up for good."""
+    engine = batching.BatchEngine(model, max_requests=2, kv_tokens=1024, eos_ids=EOS)
+    real = model.forward
+
+    @functools.wraps(real)  # the same signature: the token loop inspects it
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if "logits_indices" in kwargs:  # a batched step
+            raise RuntimeError("no paged attention on this device")
+        return real(*args, **kwargs)
+
+    params = generation.SamplingParams(max_tokens=None, temperature=0.0)
+    prompt = prompts(3)[2]
+    expected = _generation(model, None, prompt, params).text()
+    monkeypatch.setattr(model, "forward", forward)
+    try:
+        for _ in range(batching.FAILURES_TO_DISABLE + 1):
+            with caplog.at_level("WARNING", logger="generation"):
+                assert _generation(model, engine, prompt, params).text() == expected
+        assert engine.disabled is not None and "no paged attention" in engine.disabled
+        # Retried alone while the batch was tried; once given up, it is not offered.
+        retried = [r for r in caplog.records if "generation_batch_failed" in r.getMessage()]
+        assert 1 <= len(retried) <= batching.FAILURES_TO_DISABLE
+        with pytest.raises(batching.BatchUnavailable):
+            engine.submit(prompt, 4, temperature=0.0, top_p=1.0)
+    finally:
+        engine.suspend()

@@ -19,9 +19,14 @@ Invariants:
   found, the request ended) cancels it in the manager at once, and its later
   results are dropped.
 - The manager is started on the first request after the engine was made or
-  :meth:`suspend` ed, and restarted after its generation thread died (the requests
-  it held then end with :class:`BatchError`); :meth:`suspend` stops it and frees
-  its KV cache, which is what a GPU release needs.
+  :meth:`suspend` ed; :meth:`suspend` stops it and frees its KV cache, which is
+  what a GPU release needs.
+- A batch that does not work here never takes the function down: a request it
+  fails ends with :class:`BatchError` (``generation.py`` then runs it alone when it
+  had no token yet), and after :data:`FAILURES_TO_DISABLE` failures in a row, or
+  when its generation thread dies, the engine gives the batch up for the process's
+  life (``disabled`` says why; the log says ``batching_disabled``) and every
+  request runs alone.
 - Its threads are daemons: a process with a batch exits like one without.
 - The KV cache is bounded (``kv_tokens``): with several handlers on one GPU, none
   may take the device's free memory for its cache, which the manager would
@@ -49,6 +54,13 @@ STEP_TOKENS = 2048
 
 class BatchError(RuntimeError):
     """The batch failed this request (its generation thread died, or it refused it)."""
+
+
+class BatchUnavailable(BatchError):
+    """Batching is off in this process since it kept failing; run the request alone."""
+
+
+FAILURES_TO_DISABLE = 3  # requests the batch failed in a row before it is given up
 
 
 def unavailable(model: Any) -> str | None:
@@ -111,11 +123,14 @@ class BatchStream:
             if isinstance(item, BaseException):
                 self._done = True
                 self.close()
+                self._engine._failed(item)
                 raise item
             tokens, finished = item
             new = tokens[self._seen:]
             self._seen = len(tokens)
             self._done = self._finished = finished
+            if finished:
+                self._engine._succeeded()
             if new or finished:
                 return list(new)
 
@@ -168,12 +183,17 @@ class BatchEngine:
         self._ids = itertools.count()
         self._dispatcher: threading.Thread | None = None
         self._generation = 0  # which start of the manager the dispatcher serves
+        self._failures = 0  # requests failed in a row
+        self.disabled: str | None = None  # why the batch was given up
 
     # -- requests
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float,
                top_p: float, cancelled: threading.Event | None = None) -> BatchStream:
-        """Add a request to the batch. ``temperature`` 0 is greedy."""
+        """Add a request to the batch. ``temperature`` 0 is greedy. Raises
+        :class:`BatchUnavailable` once the batch has been given up."""
+        if self.disabled is not None:
+            raise BatchUnavailable(self.disabled)
         sampling: dict[str, Any] = (
             {"temperature": 1.0, "top_k": 1, "top_p": 1.0} if temperature == 0 else
             {"temperature": float(temperature), "top_k": self._vocab, "top_p": float(top_p)})
@@ -197,6 +217,17 @@ class BatchEngine:
             known = self._streams.pop(stream.request_id, None) is not None
         if known and not finished and self._manager.is_running():
             self._manager.cancel_request(stream.request_id)
+
+    def _failed(self, error: BaseException) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._failures < FAILURES_TO_DISABLE or self.disabled is not None:
+                return
+            self.disabled = f"{FAILURES_TO_DISABLE} requests in a row failed in the batch: {error}"
+        LOG.error("batching_disabled reason=%r", self.disabled)
+
+    def _succeeded(self) -> None:
+        self._failures = 0
 
     @property
     def active(self) -> int:
@@ -246,8 +277,10 @@ class BatchEngine:
             orphans = list(self._streams.values())
             self._streams.clear()
         error = getattr(manager.background_thread_status, "fatal_error", None)
-        if orphans or error is not None:
-            LOG.error("batch_stopped requests=%d error=%r", len(orphans), error)
+        if error is not None:
+            with self._lock:
+                self.disabled = f"the batch's generation thread died: {error!r}"
+            LOG.error("batching_disabled reason=%r requests=%d", self.disabled, len(orphans))
         for stream in orphans:
             stream.put(BatchError(f"the batch's generation thread stopped: {error!r}"))
 

@@ -179,12 +179,33 @@ class Generation:
     def _tokens(self) -> Iterator[int]:
         """The batch's tokens for this request, or this thread's own steps: a request
         with a seed samples from its own generator, which a batch cannot give it."""
+        from .batching import BatchUnavailable
+
         params = self._params
         if self._engine is None or (params.seed is not None and params.temperature > 0):
             return self._steps()
-        return self._engine.submit(self._prompt_ids, self._max_new_tokens,
-                                   temperature=params.temperature, top_p=params.top_p,
-                                   cancelled=self._cancelled)
+        try:
+            return self._engine.submit(self._prompt_ids, self._max_new_tokens,
+                                       temperature=params.temperature, top_p=params.top_p,
+                                       cancelled=self._cancelled)
+        except BatchUnavailable:
+            return self._steps()
+
+    def _next(self, tokens: Iterator[int],
+              generated: list[int]) -> tuple[int | None, Iterator[int]]:
+        """The next token, and the source to read from now: a request the batch failed
+        before its first token runs alone instead."""
+        from .batching import BatchError
+
+        try:
+            return next(tokens, None), tokens
+        except BatchError as exc:
+            if generated:
+                raise
+            LOG.warning("generation_batch_failed id=%s error=%r retried=alone",
+                        self._request_id, str(exc))
+            alone = self._steps()
+            return next(alone), alone
 
     def _run(self) -> Generator[str, None, None]:
         params = self._params
@@ -202,7 +223,7 @@ class Generation:
             while len(generated) < self._max_new_tokens:
                 if self._cancelled is not None and self._cancelled.is_set():
                     return
-                token = next(tokens, None)
+                token, tokens = self._next(tokens, generated)
                 if token is None:
                     if self._cancelled is not None and self._cancelled.is_set():
                         return
