@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,17 @@ def test_the_weights_came_from_the_template(served: LlmFunction, client: openai.
 def test_the_handler_was_warmed_before_it_was_ready(served: LlmFunction) -> None:
     log: Any = served.log()
     assert "warmup_done requests=2 ok=2" in log
+
+
+def test_concurrent_requests_share_the_forked_handler_s_batch(
+        served: LlmFunction, client: openai.OpenAI) -> None:
+    questions = [f"Name {n} animals." for n in range(2, 6)]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        replies = list(pool.map(lambda q: client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": q}],
+            max_tokens=12, temperature=0), questions))
+    assert all(r.choices[0].message.content and r.usage and r.usage.completion_tokens
+               for r in replies)
+    log = served.log()
+    # The batch belongs to the handler: made at its start-up, started by its requests.
+    assert "batching=continuous slots=16" in log and "batch_started" in log
