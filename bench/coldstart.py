@@ -85,6 +85,9 @@ class Floors:
             import_gc_paused_s=statistics.median(paused), import_gc_paused_runs_s=paused,
             slim_packages=list(floors_mod.SLIM), weight_bytes=b.weight_bytes,
             weights_s=b.weight_bytes / bandwidth if bandwidth else 0.0, **device)
+        # A decode step reads every weight once: its floor, whatever the batch's width.
+        memory = self.data.get("memory_bytes_per_s")
+        self.data["decode_step_s"] = b.weight_bytes / memory if memory else None
 
     def measure_cold(self) -> None:
         env, files = self.bench.env, sorted(self.bench.layout.model_dir.glob("*.safetensors"))

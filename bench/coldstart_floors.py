@@ -113,6 +113,25 @@ def _bandwidth(torch: Any, device: str) -> dict[str, float]:
     return out
 
 
+def _memory_bandwidth(torch: Any, device: str) -> float:
+    """Bytes a second the device's memory moves, from the best of five copies of a
+    large buffer within it (each byte read once and written once)."""
+    size = (1 << 31) if device.startswith("cuda") else (1 << 28)
+    source = torch.ones(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        _sync(torch, device)
+        started = time.perf_counter()
+        target.copy_(source)
+        _sync(torch, device)
+        best = min(best, time.perf_counter() - started)
+    del source, target
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return 2 * size / best
+
+
 def _device(model_dir: Path, device: str, lengths: list[int]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,6 +145,7 @@ def _device(model_dir: Path, device: str, lengths: list[int]) -> dict[str, Any]:
         result.update(_bandwidth(torch, device))
     else:
         result["cuda_context_s"] = 0.0
+    result["memory_bytes_per_s"] = _memory_bandwidth(torch, device)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device)
     _sync(torch, device)

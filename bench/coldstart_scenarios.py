@@ -195,8 +195,11 @@ async def concurrency(bench: Bench, inst: Instance | None = None) -> None:
                 ttfts += [_ttft(s) for s in streams]
                 gaps += [g for s in streams for g in s.gaps_s]
                 rates.append(sum(s.completion_tokens for s in streams) / wall)
+            step = bench.floors.data.get("decode_step_s")
             bench.record(inst.system, f"concurrency_{prefix}{n}", ttfts, runs=len(rates),
                          streams=n, tokens_per_s=_stats(rates), max_tokens=bench.stream_tokens,
+                         decode_step_floor_s=step,
+                         tokens_per_s_floor=n / step if step else None,
                          ttft_p50_p95_s=_percentiles(ttfts),
                          inter_token_p50_p95_s=_percentiles(gaps),
                          through="direct" if prefix else "fwatchdog")
