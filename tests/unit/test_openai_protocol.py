@@ -358,6 +358,21 @@ def test_the_kv_cache_goes_to_whichever_argument_forward_takes() -> None:
     assert generation._cache_kwarg(Older()) == "past_key_values"
 
 
+def test_only_the_last_position_s_logits_are_asked_for_where_a_model_can() -> None:
+    class Recent:
+        def forward(self, input_ids: Any, logits_to_keep: int = 0) -> None: ...
+
+    class Middle:
+        def forward(self, input_ids: Any, num_logits_to_keep: int = 0) -> None: ...
+
+    class Plain:
+        def forward(self, input_ids: Any, **kwargs: Any) -> None: ...
+
+    assert generation._last_logits_only(Recent()) == {"logits_to_keep": 1}
+    assert generation._last_logits_only(Middle()) == {"num_logits_to_keep": 1}
+    assert generation._last_logits_only(Plain()) == {}
+
+
 # ------------------------------------------------------------------ the server, scripted
 
 
