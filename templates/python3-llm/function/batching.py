@@ -257,26 +257,31 @@ class BatchEngine:
         """Hand each result to its request's stream, until this start of the manager
         ends; then fail the streams it still held."""
         manager = self._manager
-        while generation == self._generation:
-            result = manager.get_result(timeout=0.1)
-            if result is None:
-                if manager.is_running():
-                    continue
-                break  # the generation thread ended: stopped, or died
-            with self._lock:
-                stream = self._streams.get(result.request_id)
-            if stream is None:
-                continue  # cancelled: nobody reads it
-            if result.error is not None:
-                stream.put(BatchError(f"the batch failed the request: {result.error}"))
-            else:
-                stream.put((list(result.generated_tokens), result.is_finished()))
+        error: BaseException | None = None
+        try:
+            while generation == self._generation:
+                result = manager.get_result(timeout=0.1)
+                if result is None:
+                    if manager.is_running():
+                        continue
+                    break  # the generation thread ended: stopped, or died
+                with self._lock:
+                    stream = self._streams.get(result.request_id)
+                if stream is None:
+                    continue  # cancelled: nobody reads it
+                if result.error is not None:
+                    stream.put(BatchError(f"the batch failed the request: {result.error}"))
+                else:
+                    stream.put((list(result.generated_tokens), result.is_finished()))
+        except Exception as exc:  # noqa: BLE001 - a stream must never wait for nothing
+            LOG.exception("batch_dispatch_failed")
+            error = exc
         with self._lock:
-            if generation != self._generation:
+            if generation != self._generation and error is None:
                 return  # a newer start serves the streams now
             orphans = list(self._streams.values())
             self._streams.clear()
-        error = getattr(manager.background_thread_status, "fatal_error", None)
+        error = error or getattr(manager.background_thread_status, "fatal_error", None)
         if error is not None:
             with self._lock:
                 self.disabled = f"the batch's generation thread died: {error!r}"
