@@ -26,6 +26,8 @@ FUNCTION_FILES = {
     "tox.ini",
     "openai_api.py",
     "generation.py",
+    "batching.py",
+    "admission.py",
 }
 
 
