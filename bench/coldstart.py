@@ -131,7 +131,7 @@ class Bench:
         self.scenarios: list[str] = args.scenarios
         self.systems: list[str] = args.systems
         self.lengths = LENGTHS
-        self.concurrency_levels = (1, 4) if args.smoke else (1, 4, 16, 32)
+        self.concurrency_levels = (1, 4, 16) if args.smoke else (1, 4, 16, 32)
         self.memory_handlers = (1, 2) if args.smoke else (1, 2, 4)
         self.stream_tokens = 8 if args.smoke else 64
         self.wake_idle_s = args.wake_idle

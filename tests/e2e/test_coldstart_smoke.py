@@ -41,7 +41,8 @@ def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert run["scenario"] == "run" and run["bytecode"]["compiled"]
     assert run["floors"]["import_s"] > 0 and "7" in run["floors"]["prefill_s"]
     got = {(r["system"], r["scenario"]) for r in records}
-    expected = {("baseline", s) for s in COMMON} | {("llm", s) for s in COMMON | LLM_ONLY}
+    expected = ({("baseline", s) for s in COMMON} | {("llm", s) for s in COMMON | LLM_ONLY}
+                | {("baseline", f"concurrency_direct_{n}") for n in (1, 4, 16)})
     assert expected <= got, sorted(expected - got)
     for r in records:
         assert r["commit"] and r["model"] == "llama-tiny-random-bf16"
@@ -55,6 +56,10 @@ def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert traced["failed"] == [] and traced["runs"] == traced["requests"]
         assert traced["ttft_s"]["p95"] > 0 and traced["gpu_seconds_modelled"] > 0
         assert by[(system, "first_request_7")]["steady_s"] > 0
+        streams = by[(system, "concurrency_4")]
+        gaps = streams["inter_token_p50_p95_s"]
+        assert gaps["p95"] >= gaps["p50"] > 0
+        assert streams["decode_step_floor_s"] > 0 and streams["tokens_per_s_floor"] > 0
         assert by[(system, "container_cold_warm_cache")]["floor_s"] > 0
     assert by[("llm", "container_cold_warm_cache")]["template_loads"].get("hit", 0) >= 1
     assert by[("baseline", "trace")]["instance_starts"] >= 2  # a restart after the window
