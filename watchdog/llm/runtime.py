@@ -725,10 +725,25 @@ class Runtime:
 
     def _warm_up_waits(self, h: Handler) -> bool:
         """Whether a cold handler's warm-up still waits for the requests running on
-        warm handlers: their GPU work goes first, for at most SPARE_DEFER_MAX seconds
-        in all from the first time this warm-up yielded."""
-        if not (self.inflight and self.serving()):
-            return False
+        warm handlers: their GPU work goes first."""
+        return bool(self.inflight and self.serving()) and self._warm_up_may_yield(h)
+
+    def _pause_warm_ups(self, serving: Handler) -> None:
+        """A request goes to a warm handler: warm-ups beside it pause after their
+        current step (see _warm_up_waits), unless they have yielded long enough."""
+        for h in self.live():
+            if h is serving or h.state is not HState.WARMING or h.pausing:
+                continue
+            if not self._warm_up_may_yield(h):
+                continue
+            h.pausing = True
+            self.log.info(kv("handler_warmup_pausing", id=h.id, pid=h.pid,
+                             reason="a request runs on a warm handler"))
+            self._tell(h, {"op": "pause"})
+
+    def _warm_up_may_yield(self, h: Handler) -> bool:
+        """Whether ``h``'s warm-up may still yield to requests: for SPARE_DEFER_MAX
+        seconds in all from the first time it did (a timer looks again then)."""
         now = self.clock()
         if h.warmup_deferred_since is None:
             h.warmup_deferred_since = now
@@ -736,23 +751,6 @@ class Runtime:
                              inflight=self.inflight, max_wait=f"{SPARE_DEFER_MAX:g}s"))
             self._later(SPARE_DEFER_MAX, self.notify)
         return now - h.warmup_deferred_since < SPARE_DEFER_MAX
-
-    def _pause_warm_ups(self, serving: Handler) -> None:
-        """A request goes to a warm handler: warm-ups beside it pause after their
-        current step (see _warm_up_waits), unless they have yielded long enough."""
-        now = self.clock()
-        for h in self.live():
-            if h is serving or h.state is not HState.WARMING or h.pausing:
-                continue
-            if h.warmup_deferred_since is None:
-                h.warmup_deferred_since = now
-                self._later(SPARE_DEFER_MAX, self.notify)
-            elif now - h.warmup_deferred_since >= SPARE_DEFER_MAX:
-                continue
-            h.pausing = True
-            self.log.info(kv("handler_warmup_pausing", id=h.id, pid=h.pid,
-                             reason="a request runs on a warm handler"))
-            self._tell(h, {"op": "pause"})
 
     def cold(self) -> list[Handler]:
         """Handlers that can answer but are not warm yet: a request that finds no warm
