@@ -151,7 +151,6 @@ class BatchEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        self.model = model
         self.max_requests = max_requests
         self.kv_tokens = kv_tokens
         vocab = int(model.config.get_text_config().vocab_size)
@@ -181,7 +180,6 @@ class BatchEngine:
         self._lock = threading.Lock()
         self._streams: dict[str, BatchStream] = {}
         self._ids = itertools.count()
-        self._dispatcher: threading.Thread | None = None
         self._generation = 0  # which start of the manager the dispatcher serves
         self._failures = 0  # requests failed in a row
         self.disabled: str | None = None  # why the batch was given up
@@ -248,9 +246,8 @@ class BatchEngine:
         starter.start()
         starter.join()
         self._generation += 1
-        self._dispatcher = threading.Thread(target=self._dispatch, args=(self._generation,),
-                                            name="batch-dispatch", daemon=True)
-        self._dispatcher.start()
+        threading.Thread(target=self._dispatch, args=(self._generation,),
+                         name="batch-dispatch", daemon=True).start()
         LOG.info("batch_started max_requests=%d kv_tokens=%d", self.max_requests, self.kv_tokens)
 
     def _dispatch(self, generation: int) -> None:

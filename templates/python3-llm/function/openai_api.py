@@ -54,7 +54,6 @@ from typing import Any
 
 from . import batching
 from .admission import Admission, Busy, Left, Slot
-from .batching import BatchEngine
 from .generation import Generation, SamplingParams
 
 LOG = logging.getLogger("openai_api")
@@ -448,12 +447,13 @@ class OpenAIServer:
             getattr(model.config, "max_position_embeddings", 2048)
         )
         self._eos_ids = _eos_ids(model, tokenizer)
-        self.engine: BatchEngine | None = None
+        self.engine: batching.BatchEngine | None = None
         why_not = "BATCHING=off" if not config.batching else batching.unavailable(model)
         slots = config.max_concurrent or (ALONE_SLOTS if why_not else BATCHED_SLOTS)
         if why_not is None:
-            self.engine = BatchEngine(model, max_requests=slots,
-                                      kv_tokens=config.kv_cache_tokens, eos_ids=self._eos_ids)
+            self.engine = batching.BatchEngine(model, max_requests=slots,
+                                               kv_tokens=config.kv_cache_tokens,
+                                               eos_ids=self._eos_ids)
             # One request must fit in the batch's KV cache.
             self.max_context = min(self.max_context, config.kv_cache_tokens)
             LOG.info("batching=continuous slots=%d kv_cache_tokens=%d", slots,
