@@ -27,6 +27,12 @@ Invariants:
   when its generation thread dies, the engine gives the batch up for the process's
   life (``disabled`` says why; the log says ``batching_disabled``) and every
   request runs alone.
+- A request run alone shares the model with the batch. From the engine's making
+  until the manager stops, the model's attention implementation is the manager's
+  paged one (``paged|sdpa``), which before transformers 5.23 refuses any forward
+  without the batch's paged cache; :func:`let_standard_forwards_through` makes each
+  ``paged|<impl>`` function hand such a forward to ``<impl>`` itself, as later
+  releases do. It changes nothing for the batch's own forwards.
 - Its threads are daemons: a process with a batch exits like one without.
 - The KV cache is bounded (``kv_tokens``): with several handlers on one GPU, none
   may take the device's free memory for its cache, which the manager would
@@ -79,6 +85,40 @@ def unavailable(model: Any) -> str | None:
         # run outside the batch (a seeded one) needs the ordinary one.
         return f"the model's attention implementation is {implementation!r}, not sdpa or flash"
     return None
+
+
+def let_standard_forwards_through() -> None:
+    """Make every registered ``paged|<impl>`` attention function run a forward that
+    carries no paged cache (a request run alone, beside the batch) with ``<impl>``.
+
+    transformers registers these functions process-wide, so this wraps them there,
+    once (a wrapped function is marked); where the paged names are gone (5.23 and
+    later treat ``paged|<impl>`` as ``<impl>``) there is nothing to wrap."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    except ImportError:
+        return
+    for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
+        base = name.removeprefix("paged|")
+        if base == name or base not in ALL_ATTENTION_FUNCTIONS:
+            continue
+        paged = ALL_ATTENTION_FUNCTIONS[name]
+        if getattr(paged, "standard_forwards_through", False):
+            continue
+        AttentionInterface.register(name, _paged_or_standard(paged, ALL_ATTENTION_FUNCTIONS[base]))
+
+
+def _paged_or_standard(paged: Any, standard: Any) -> Any:
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                  *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache") is None:
+            kwargs.pop("cache", None)
+            return standard(module, query, key, value, attention_mask, *args, **kwargs)
+        return paged(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.standard_forwards_through = True  # type: ignore[attr-defined]
+    attention.__name__ = getattr(paged, "__name__", "paged_attention")
+    return attention
 
 
 class BatchStream:
@@ -162,6 +202,7 @@ class BatchEngine:
             do_sample=True, temperature=0.7, top_k=vocab, top_p=0.9,
             eos_token_id=sorted(eos_ids) or -1, pad_token_id=min(eos_ids, default=0),
             max_new_tokens=16)
+        let_standard_forwards_through()
         pages = -(-kv_tokens // PAGE_TOKENS)
         wanted: dict[str, Any] = {
             "num_blocks": pages, "page_size": PAGE_TOKENS,
@@ -241,6 +282,7 @@ class BatchEngine:
         # A thread is a daemon when the thread that made it is: the manager's
         # generation thread, made in a daemon thread, never keeps the process from
         # exiting (it runs until stopped, and nothing stops it at exit).
+        self._page_attention()
         starter = threading.Thread(target=self._manager.start, name="batch-start",
                                    daemon=True)
         starter.start()
@@ -249,6 +291,18 @@ class BatchEngine:
         threading.Thread(target=self._dispatch, args=(self._generation,),
                          name="batch-dispatch", daemon=True).start()
         LOG.info("batch_started max_requests=%d kv_tokens=%d", self.max_requests, self.kv_tokens)
+
+    def _page_attention(self) -> None:
+        """The model's attention is the manager's paged one again: stopping the
+        manager (a suspend) restored the model's own, and before transformers 5.23
+        starting it does not switch back (an unpaged function would ignore the
+        batch's cache)."""
+        switch = getattr(self._manager, "switch_to_cb_friendly_attn", None)
+        if not callable(switch):
+            return
+        known = inspect.signature(switch).parameters
+        switch(self._manager.model,
+               **({"auto_switch_to_flash": False} if "auto_switch_to_flash" in known else {}))
 
     def _dispatch(self, generation: int) -> None:
         """Hand each result to its request's stream, until this start of the manager
