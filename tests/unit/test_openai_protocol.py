@@ -196,11 +196,15 @@ def test_server_config_from_env() -> None:
 
 
 def test_batching_settings_from_env() -> None:
-    config = api.ServerConfig.from_env({"BATCHING": "off", "KV_CACHE_TOKENS": "4096"}, "d")
-    assert (config.batching, config.kv_cache_tokens) == (False, 4096)
+    config = api.ServerConfig.from_env(
+        {"BATCHING": "off", "KV_CACHE_TOKENS": "4096", "CUDA_GRAPHS": "Off"}, "d")
+    assert (config.batching, config.kv_cache_tokens, config.cuda_graphs) == (False, 4096, False)
+    assert api.ServerConfig.from_env({}, "d").cuda_graphs
     with pytest.raises(ValueError) as caught:
-        api.ServerConfig.from_env({"BATCHING": "yes", "KV_CACHE_TOKENS": "0"}, "d")
+        api.ServerConfig.from_env(
+            {"BATCHING": "yes", "KV_CACHE_TOKENS": "0", "CUDA_GRAPHS": "1"}, "d")
     assert "BATCHING='yes'" in str(caught.value) and "KV_CACHE_TOKENS='0'" in str(caught.value)
+    assert "CUDA_GRAPHS='1'" in str(caught.value)
     # The default 16 slots count against the server's threads too.
     with pytest.raises(ValueError, match="16 \\+ 8 exceeds http_threads=20"):
         api.ServerConfig.from_env({"http_threads": "20"}, "d")

@@ -83,6 +83,7 @@ class ServerConfig:
     max_context: int | None = None  # None: the model's max_position_embeddings
     batching: bool = True  # BATCHING=continuous (default) or off
     kv_cache_tokens: int = 16384  # the batch's KV cache (KV_CACHE_TOKENS)
+    cuda_graphs: bool = True  # the batch replays CUDA graphs on a GPU (CUDA_GRAPHS=on|off)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_name: str) -> ServerConfig:
@@ -136,6 +137,9 @@ class ServerConfig:
         if batching_raw not in ("continuous", "off"):
             errors.append(f"BATCHING={env['BATCHING']!r} must be 'continuous' or 'off'")
         kv_cache_tokens = whole("KV_CACHE_TOKENS", cls.kv_cache_tokens)
+        graphs_raw = env.get("CUDA_GRAPHS", "").strip().lower() or "on"
+        if graphs_raw not in ("on", "off"):
+            errors.append(f"CUDA_GRAPHS={env['CUDA_GRAPHS']!r} must be 'on' or 'off'")
         default_max_tokens = whole("DEFAULT_MAX_TOKENS", cls.default_max_tokens)
         max_context = whole("MAX_MODEL_LEN", None)
         names = [n.strip() for n in env.get("MODEL_ALIASES", "").split(",")]
@@ -157,6 +161,7 @@ class ServerConfig:
             max_context=max_context,
             batching=batching_raw == "continuous",
             kv_cache_tokens=kv_cache_tokens,
+            cuda_graphs=graphs_raw != "off",
         )
 
 
@@ -453,11 +458,12 @@ class OpenAIServer:
         if why_not is None:
             self.engine = batching.BatchEngine(model, max_requests=slots,
                                                kv_tokens=config.kv_cache_tokens,
-                                               eos_ids=self._eos_ids)
+                                               eos_ids=self._eos_ids,
+                                               cuda_graphs=config.cuda_graphs)
             # One request must fit in the batch's KV cache.
             self.max_context = min(self.max_context, config.kv_cache_tokens)
-            LOG.info("batching=continuous slots=%d kv_cache_tokens=%d", slots,
-                     config.kv_cache_tokens)
+            LOG.info("batching=continuous slots=%d kv_cache_tokens=%d cuda_graphs=%s", slots,
+                     config.kv_cache_tokens, "on" if self.engine.cuda_graphs else "off")
         else:
             LOG.info("batching=off slots=%d reason=%r", slots, why_not)
         self._admission = Admission(slots, config.max_queued, config.max_queue_wait)
