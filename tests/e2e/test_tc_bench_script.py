@@ -1,5 +1,5 @@
-"""bench/template_gpu.py and bench/first_request_probe.py still run: the tiny shape
-on CPU (the 8B shape needs a GPU)."""
+"""bench/template_gpu.py, bench/first_request_probe.py and bench/batch_step.py still
+run: the tiny shape on CPU (the 8B shape needs a GPU)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,23 @@ def test_first_request_probe_runs_tiny_on_cpu(tmp_path: Path) -> None:
         assert set(result[variant]["threads"]) == {"main", "new_thread_1", "new_thread_2",
                                                    "main_again"}
         assert "Self CPU time total" in result[variant]["profile_first"]
+
+
+def test_batch_step_runs_tiny_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "steps.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "batch_step.py"), "--shape", "tiny", "--device", "cpu",
+         "--quick", "--variants", "shim,eager,graphs,sequential,static_graph", "--out", str(out)],
+        capture_output=True, text=True, timeout=280, check=False, cwd=BENCH)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["unavailable"] is None
+    assert result["shim"]["seeded_beside_batch_repeats"] is True, result["shim"]
+    for variant in ("eager", "graphs"):
+        case = result[variant]
+        assert "error" not in case, case.get("error")
+        assert case["cuda_graphs"] is False  # a CPU never replays graphs
+        assert [case[f"n{n}"]["tokens"] for n in (1, 2)] == [8, 16]
+        assert case["restart_request_s"] > 0 and case["disabled"] is None
+    assert all(v > 0 for v in result["sequential"].values())
+    assert "skipped" in result["static_graph"]
