@@ -170,6 +170,7 @@ class Bench:
                    DEFAULT_MAX_TOKENS="16")
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
+        env.update(self.args.function_env)  # both systems' function settings
         return env
 
     def compile_bytecode(self, paths: list[Path], what: str) -> None:
@@ -255,6 +256,8 @@ class Bench:
             {"median": statistics.median(ttfts), "min": min(ttfts), "max": max(ttfts)}
             if ttfts else None)
         rec: dict[str, Any] = {k: self.run[k] for k in ("gpu", "model", "commit")}
+        if self.args.function_env:
+            rec["function_env"] = dict(self.args.function_env)
         rec.update(system=system, scenario=scenario, ttft_s=stats, runs=extra.pop("runs",
                    len(ttfts)), ttft_runs_s=ttfts)
         if floor is not None:
@@ -353,6 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0,
                    help="start no new scenario or repeat after this many seconds (0: none)")
     p.add_argument("--commit", default=None, help="the project commit (default: git describe)")
+    p.add_argument("--function-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for both systems' function (CUDA_GRAPHS=off, BATCHING=off); "
+                        "repeatable, recorded in every record")
     p.add_argument("--smoke", action="store_true",
                    help="every scenario on CPU with the tiny shape, once (CI)")
     args = p.parse_args(argv)
@@ -362,6 +368,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.pycache is None:
         args.pycache = Path("/tmp/fwatchdog-pyc")
     args.device = args.device or ("cuda" if Nvml().available else "cpu")
+    settings = {}
+    for item in args.function_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--function-env {item!r}: expected KEY=VALUE")
+        settings[key.strip()] = value
+    args.function_env = settings
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(

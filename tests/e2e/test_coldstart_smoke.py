@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ LLM_ONLY = {"gpu_wake", "gpu_memory_released", "new_handler", "new_handler_spare
             "gpu_memory_2"}
 
 
+def test_a_function_setting_must_be_key_value() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "coldstart.py"), "--smoke",
+                           "--function-env", "CUDA_GRAPHS"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "expected KEY=VALUE" in done.stderr, done.stderr
+
+
 @pytest.mark.timeout(1500)
 def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
@@ -32,7 +40,7 @@ def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
     tmp.mkdir()
     done = subprocess.run(
         [sys.executable, str(BENCH / "coldstart.py"), "--smoke", "--out", str(out),
-         "--work", str(tmp_path / "work")],
+         "--work", str(tmp_path / "work"), "--function-env", "KV_CACHE_TOKENS=4096"],
         capture_output=True, text=True, timeout=1400, check=False,
         env={**os.environ, "TMPDIR": str(tmp)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -46,6 +54,7 @@ def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert expected <= got, sorted(expected - got)
     for r in records:
         assert r["commit"] and r["model"] == "llama-tiny-random-bf16"
+        assert r["function_env"] == {"KV_CACHE_TOKENS": "4096"}
         if r["scenario"] == "gpu_memory_released":
             continue
         t = r["ttft_s"]
@@ -63,6 +72,12 @@ def test_coldstart_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert by[(system, "container_cold_warm_cache")]["floor_s"] > 0
     assert by[("llm", "container_cold_warm_cache")]["template_loads"].get("hit", 0) >= 1
     assert by[("baseline", "trace")]["instance_starts"] >= 2  # a restart after the window
+    # Both systems' functions ran with the setting.
+    for system in ("baseline", "llm"):
+        texts = [p.read_text(errors="replace")
+                 for p in (tmp_path / "work" / "logs").glob(f"{system}-*.log")]
+        assert any("kv_cache_tokens=4096" in text for text in texts), system
+        assert not any(re.search(r"kv_cache_tokens=(?!4096\b)", t) for t in texts), system
     if importlib.util.find_spec("matplotlib") is not None:
         plots = subprocess.run([sys.executable, str(BENCH / "plot_coldstart.py"), str(out),
                                 "--out-dir", str(tmp_path / "plots")],
