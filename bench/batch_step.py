@@ -127,6 +127,13 @@ class Probe:
         outs = [list(s) for s in streams]
         return outs, time.perf_counter() - started
 
+    def unpage(self) -> None:
+        """The model's own attention again: a batch whose thread died never stopped,
+        and the next variant must not start from its paged attention."""
+        implementation = str(getattr(self.model.config, "_attn_implementation", ""))
+        if implementation.startswith("paged|"):
+            self.model.set_attn_implementation(implementation.removeprefix("paged|"))
+
     def engine_case(self, name: str) -> dict[str, Any]:
         spec = VARIANTS[name]
         r: dict[str, Any] = {"settings": spec}
@@ -163,6 +170,7 @@ class Probe:
         finally:
             if engine is not None:
                 engine.suspend()
+            self.unpage()
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
                 r["memory_reserved"] = self.torch.cuda.memory_reserved()
@@ -170,6 +178,7 @@ class Probe:
 
     def shim(self) -> dict[str, Any]:
         r: dict[str, Any] = {}
+        engine = None
         try:
             engine = self.engine(cuda_graphs=True)
             # One request: alone, its steps have the same shapes every time.
@@ -195,9 +204,12 @@ class Probe:
             hold.close()
             r["seeded_beside_batch_repeats"] = bool(first) and first == second
             r["disabled"] = engine.disabled
-            engine.suspend()
         except Exception:  # noqa: BLE001
             r["error"] = traceback.format_exc()[-3000:]
+        finally:
+            if engine is not None:
+                engine.suspend()
+            self.unpage()
         return r
 
     def sequential(self) -> dict[str, Any]:

@@ -209,13 +209,16 @@ class Bench:
         if not self.args.no_compile:
             self.compile_bytecode([self.layout.context], "function")
         if "llm" in self.systems:
-            if "template" not in old or not (self.layout.template / "manifest.json").is_file():
+            settings = dict(self.args.function_env)
+            if "template" not in old or not (self.layout.template / "manifest.json").is_file() \
+                    or old["template"].get("function_env", {}) != settings:
                 # Traced on CPU, as an image build does, with the model the systems load.
                 env = {**self.env, "CUDA_VISIBLE_DEVICES": "",
                        "MODEL_PATH": str(self.layout.model_dir)}
                 old["template"] = common.run_tracer(self.layout.function_dir,
                                                     self.layout.template, "--runs", "1", env=env)
                 old["template"]["traced_on"] = "cpu"
+                old["template"]["function_env"] = settings  # what the trace ran with
                 stamp_path.write_text(json.dumps(old))
             self.run["template"] = old["template"]
 
@@ -358,7 +361,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--commit", default=None, help="the project commit (default: git describe)")
     p.add_argument("--function-env", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for both systems' function (CUDA_GRAPHS=off, BATCHING=off); "
-                        "repeatable, recorded in every record")
+                        "repeatable, recorded in every record; the template is traced again "
+                        "when it was traced with other settings; what a scenario sets itself "
+                        "(MODEL_PATH, the mode, the ports) is the harness's")
     p.add_argument("--smoke", action="store_true",
                    help="every scenario on CPU with the tiny shape, once (CI)")
     args = p.parse_args(argv)

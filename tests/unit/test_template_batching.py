@@ -255,3 +255,81 @@ def test_a_batch_that_fails_here_falls_back_to_running_alone(
             engine.submit(prompt, 4, temperature=0.0, top_p=1.0)
     finally:
         engine.suspend()
+
+
+def test_a_batch_that_cannot_start_runs_the_request_alone(
+        model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    engine = batching.BatchEngine(model, max_requests=2, kv_tokens=1024, eos_ids=EOS)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no paged attention here")
+
+    params = generation.SamplingParams(max_tokens=None, temperature=0.0)
+    prompt = prompts(2)[1]
+    expected = _generation(model, None, prompt, params).text()
+    monkeypatch.setattr(engine._manager, "switch_to_cb_friendly_attn", refuse, raising=False)
+    try:
+        with caplog.at_level("WARNING", logger="generation"):
+            assert _generation(model, engine, prompt, params).text() == expected
+        assert any("generation_batch_failed" in r.getMessage() and "no paged attention" in
+                   r.getMessage() for r in caplog.records)
+        assert engine.active == 0 and engine.disabled is None
+    finally:
+        engine.suspend()
+
+
+@pytest.fixture
+def paged_names() -> Iterator[dict[str, list[Any]]]:
+    """A made-up attention function and its paged variant, registered as transformers
+    before 5.23 registers its own (and removed afterwards)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    calls: dict[str, list[Any]] = {"plain": [], "paged": []}
+
+    def plain(module: Any, q: Any, k: Any, v: Any, mask: Any, **kwargs: Any) -> Any:
+        calls["plain"].append((mask, kwargs))
+        return "plain", None
+
+    def paged(module: Any, q: Any, k: Any, v: Any, mask: Any, **kwargs: Any) -> Any:
+        calls["paged"].append((mask, kwargs))
+        return "paged", None
+
+    mapping = AttentionInterface._global_mapping
+    mapping.update({"fwtest": plain, "paged|fwtest": paged})
+    try:
+        yield calls
+    finally:
+        mapping.pop("fwtest", None)
+        mapping.pop("paged|fwtest", None)
+
+
+def test_a_paged_attention_function_lets_a_forward_without_the_batch_cache_through(
+        paged_names: dict[str, list[Any]]) -> None:
+    from transformers.generation.continuous_batching import PagedAttentionCache
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batching.let_standard_forwards_through()
+    wrapped = ALL_ATTENTION_FUNCTIONS["paged|fwtest"]
+    batching.let_standard_forwards_through()  # once only
+    assert ALL_ATTENTION_FUNCTIONS["paged|fwtest"] is wrapped
+    # A forward run alone: no cache, or a cache that is not the batch's.
+    assert wrapped(None, 1, 2, 3, "mask", dropout=0.0, cache=None) == ("plain", None)
+    assert wrapped(None, 1, 2, 3, None, cache="dynamic", scaling=0.5) == ("plain", None)
+    assert paged_names["plain"] == [("mask", {"dropout": 0.0}),
+                                    (None, {"cache": "dynamic", "scaling": 0.5})]
+    # The batch's own forward carries its paged cache.
+    cache = object.__new__(PagedAttentionCache)
+    assert wrapped(None, 1, 2, 3, "mask4d", cache=cache) == ("paged", None)
+    assert paged_names["paged"] == [("mask4d", {"cache": cache})]
+
+
+def test_a_sliding_window_model_is_not_batched_where_paged_names_drop_its_window(
+        paged_names: dict[str, list[Any]]) -> None:
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=16, attn_implementation="sdpa")
+    sliding = transformers.MistralForCausalLM(config).eval()
+    reason = batching.unavailable(sliding)
+    assert reason is not None and "sliding window" in reason
+    full = transformers.MistralConfig(**{**config.to_dict(), "sliding_window": None})
+    assert batching.unavailable(transformers.MistralForCausalLM(full).eval()) is None

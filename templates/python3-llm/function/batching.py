@@ -31,8 +31,11 @@ Invariants:
   until the manager stops, the model's attention implementation is the manager's
   paged one (``paged|sdpa``), which before transformers 5.23 refuses any forward
   without the batch's paged cache; :func:`let_standard_forwards_through` makes each
-  ``paged|<impl>`` function hand such a forward to ``<impl>`` itself, as later
-  releases do. It changes nothing for the batch's own forwards.
+  ``paged|<impl>`` function hand such a forward to ``<impl>`` itself. It changes
+  nothing for the batch's own forwards. Those releases also build no mask for a
+  ``paged|`` name, so a request run alone gets plain causal attention: right for
+  full attention, not for a sliding window, and :func:`unavailable` refuses to batch
+  a model with sliding-window layers there.
 - On CUDA the batch replays CUDA graphs (``cuda_graphs``, on by default): each
   step shape is captured once, at its first use, and a suspend drops them with the
   rest of the batch (the first steps after a wake capture them again). Elsewhere
@@ -89,12 +92,32 @@ def unavailable(model: Any) -> str | None:
         return "this transformers release has no ContinuousBatchingConfig"
     if "per_request_processors" not in inspect.signature(ContinuousBatchingConfig).parameters:
         return "this transformers release has no per-request sampling in its batches"
+    if _paged_names_registered() and _has_sliding_layers(model.config.get_text_config()):
+        return ("this transformers release (before 5.23) would drop the sliding window "
+                "of a request run beside the batch")
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "sdpa" and "flash" not in str(implementation):
         # The manager would switch the model to its paged variant, and a request
         # run outside the batch (a seeded one) needs the ordinary one.
         return f"the model's attention implementation is {implementation!r}, not sdpa or flash"
     return None
+
+
+def _paged_names_registered() -> bool:
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    return any(str(name).startswith("paged|") and name != "paged|eager"
+               for name in ALL_ATTENTION_FUNCTIONS)
+
+
+def _has_sliding_layers(config: Any) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(kind) for kind in layer_types)
+    return bool(getattr(config, "sliding_window", None)) and bool(
+        getattr(config, "use_sliding_window", True))
 
 
 def let_standard_forwards_through() -> None:
@@ -108,6 +131,10 @@ def let_standard_forwards_through() -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
     except ImportError:
         return
+    try:
+        from transformers.generation.continuous_batching import PagedAttentionCache
+    except ImportError:
+        return  # no continuous batching, no paged names to mind
     for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
         base = name.removeprefix("paged|")
         if base == name or base not in ALL_ATTENTION_FUNCTIONS:
@@ -115,16 +142,19 @@ def let_standard_forwards_through() -> None:
         paged = ALL_ATTENTION_FUNCTIONS[name]
         if getattr(paged, "standard_forwards_through", False):
             continue
-        AttentionInterface.register(name, _paged_or_standard(paged, ALL_ATTENTION_FUNCTIONS[base]))
+        AttentionInterface.register(name, _paged_or_standard(
+            paged, ALL_ATTENTION_FUNCTIONS[base], PagedAttentionCache))
 
 
-def _paged_or_standard(paged: Any, standard: Any) -> Any:
+def _paged_or_standard(paged: Any, standard: Any, paged_cache: type) -> Any:
     def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                   *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("cache") is None:
+        cache = kwargs.get("cache")
+        if isinstance(cache, paged_cache):
+            return paged(module, query, key, value, attention_mask, *args, **kwargs)
+        if cache is None:
             kwargs.pop("cache", None)
-            return standard(module, query, key, value, attention_mask, *args, **kwargs)
-        return paged(module, query, key, value, attention_mask, *args, **kwargs)
+        return standard(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.standard_forwards_through = True  # type: ignore[attr-defined]
     attention.__name__ = getattr(paged, "__name__", "paged_attention")
@@ -232,6 +262,9 @@ class BatchEngine:
             generation_config=generation,
             continuous_batching_config=ContinuousBatchingConfig(
                 **{k: v for k, v in wanted.items() if k in known}))
+        # Making the manager may load attention kernels that register their paged
+        # names again (a flash kernel from the hub): wrap what is registered now.
+        let_standard_forwards_through()
         self._lock = threading.Lock()
         self._streams: dict[str, BatchStream] = {}
         self._ids = itertools.count()
@@ -244,24 +277,30 @@ class BatchEngine:
     def submit(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float,
                top_p: float, cancelled: threading.Event | None = None) -> BatchStream:
         """Add a request to the batch. ``temperature`` 0 is greedy. Raises
-        :class:`BatchUnavailable` once the batch has been given up."""
+        :class:`BatchUnavailable` once the batch has been given up, and
+        :class:`BatchError` when it cannot take the request now (which counts toward
+        giving it up)."""
         if self.disabled is not None:
             raise BatchUnavailable(self.disabled)
         sampling: dict[str, Any] = (
             {"temperature": 1.0, "top_k": 1, "top_p": 1.0} if temperature == 0 else
             {"temperature": float(temperature), "top_k": self._vocab, "top_p": float(top_p)})
-        with self._lock:
-            self._ensure_running()
-            request_id = f"b{next(self._ids)}"
-            stream = BatchStream(self, request_id, cancelled)
-            self._streams[request_id] = stream
-        added = self._manager.add_request(list(prompt_ids), request_id=request_id,
-                                          max_new_tokens=max_new_tokens, streaming=True,
-                                          **sampling)
-        if added is None:
+        try:
             with self._lock:
-                self._streams.pop(request_id, None)
-            raise BatchError("the batch refused the request (its generation thread stopped)")
+                self._ensure_running()
+                request_id = f"b{next(self._ids)}"
+                stream = BatchStream(self, request_id, cancelled)
+                self._streams[request_id] = stream
+            added = self._manager.add_request(list(prompt_ids), request_id=request_id,
+                                              max_new_tokens=max_new_tokens, streaming=True,
+                                              **sampling)
+            if added is None:
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                raise BatchError("the batch refused the request (its generation thread stopped)")
+        except BatchError as exc:
+            self._failed(exc)  # counts toward giving the batch up, as a failed stream does
+            raise
         return stream
 
     def _forget(self, stream: BatchStream, finished: bool) -> None:
@@ -316,8 +355,12 @@ class BatchEngine:
         if not callable(switch):
             return
         known = inspect.signature(switch).parameters
-        switch(self._manager.model,
-               **({"auto_switch_to_flash": False} if "auto_switch_to_flash" in known else {}))
+        try:
+            switch(self._manager.model,
+                   **({"auto_switch_to_flash": False} if "auto_switch_to_flash" in known else {}))
+        except Exception as exc:
+            raise BatchError(f"the batch could not page the model's attention: {exc!r}") from exc
+        let_standard_forwards_through()
 
     def _dispatch(self, generation: int) -> None:
         """Hand each result to its request's stream, until this start of the manager

@@ -179,7 +179,7 @@ class Generation:
     def _tokens(self) -> Iterator[int]:
         """The batch's tokens for this request, or this thread's own steps: a request
         with a seed samples from its own generator, which a batch cannot give it."""
-        from .batching import BatchUnavailable
+        from .batching import BatchError, BatchUnavailable
 
         params = self._params
         if self._engine is None or (params.seed is not None and params.temperature > 0):
@@ -189,6 +189,10 @@ class Generation:
                                        temperature=params.temperature, top_p=params.top_p,
                                        cancelled=self._cancelled)
         except BatchUnavailable:
+            return self._steps()
+        except BatchError as exc:  # the batch could not take it: nothing was generated
+            LOG.warning("generation_batch_failed id=%s error=%r retried=alone",
+                        self._request_id, str(exc))
             return self._steps()
 
     def _next(self, tokens: Iterator[int],
