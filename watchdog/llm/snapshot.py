@@ -3,8 +3,9 @@
 The zygote never touches CUDA, so once its imports are done it is an ordinary
 process that CRIU can dump and restore: the restore maps its memory back (a few
 hundred MB, a fraction of a second) instead of running the imports again (5-6 s
-for torch and transformers). This module does the CRIU side; the runtime decides
-when (``llm_zygote_snapshot=DIR``).
+for torch and transformers). This module is the CRIU side of that; the runtime
+does not use it yet (the zygote's restore, its fix-ups and the setting that turns
+it on come next).
 
 - :func:`find_criu` finds a ``criu`` of at least :data:`MIN_CRIU` and says why not
   otherwise (CRIU 3.17 cannot even read this kernel's vDSO).
