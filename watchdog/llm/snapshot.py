@@ -43,6 +43,7 @@ import platform
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -71,8 +72,6 @@ def find_criu(explicit: str | None = None) -> Criu | str:
     if not path or not os.access(path, os.X_OK):
         return f"no criu executable ({explicit or 'none on PATH'})"
     try:
-        import subprocess
-
         done = subprocess.run([path, "--version"], capture_output=True, text=True,
                               timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -290,7 +289,7 @@ class Adopted:
             status = 0  # someone else reaped it; nothing more is known
         loop.remove_reader(self._fd)
         os.close(self._fd)
-        self.returncode = os.waitstatus_to_exitcode(status) if status else 0
+        self.returncode = os.waitstatus_to_exitcode(status)
         if self._done is not None and not self._done.done():
             self._done.set_result(self.returncode)
 

@@ -242,7 +242,6 @@ class BatchEngine:
             do_sample=True, temperature=0.7, top_k=vocab, top_p=0.9,
             eos_token_id=sorted(eos_ids) or -1, pad_token_id=min(eos_ids, default=0),
             max_new_tokens=16)
-        let_standard_forwards_through()
         self.cuda_graphs = cuda_graphs and getattr(model.device, "type", "") == "cuda"
         pages = -(-kv_tokens // PAGE_TOKENS)
         wanted: dict[str, Any] = {
@@ -262,8 +261,9 @@ class BatchEngine:
             generation_config=generation,
             continuous_batching_config=ContinuousBatchingConfig(
                 **{k: v for k, v in wanted.items() if k in known}))
-        # Making the manager may load attention kernels that register their paged
-        # names again (a flash kernel from the hub): wrap what is registered now.
+        # The model is paged from here on, and making the manager may have loaded
+        # attention kernels that registered their paged names (a flash kernel from
+        # the hub): wrap what is registered now.
         let_standard_forwards_through()
         self._lock = threading.Lock()
         self._streams: dict[str, BatchStream] = {}
